@@ -1,0 +1,43 @@
+"""What every command shares: one-line errors, exit codes, the `train` extra check."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from runtime.errors import EXIT_BAD_INPUT, EnvironmentProblem, PtychoError
+
+T = TypeVar("T")
+
+TRAIN_EXTRA_MODULES = ("torch", "lightning", "safetensors")
+
+
+def require_train_extra(command: str, modules: tuple[str, ...] = TRAIN_EXTRA_MODULES) -> None:
+    """Torch-side commands on a runtime-only install say exactly what to install."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EnvironmentProblem(
+            f"{command} needs the 'train' extra (missing: {', '.join(missing)}); install it with "
+            "pip install 'ptycho-export[train,cpu]' (GPU users: install their CUDA torch first)")
+
+
+def run_guarded(action: Callable[[], T], verbose: bool = False) -> T:
+    """Run a command body; our errors become one stderr line and a distinct exit code."""
+    try:
+        return action()
+    except PtychoError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted: no partial outputs were kept", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (ValueError, OSError) as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None

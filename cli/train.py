@@ -1,0 +1,71 @@
+"""ptycho-train DATA.npz -o bundle.zip"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.common import require_train_extra, run_guarded
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+@app.command()
+def train_command(
+    data: Annotated[Path, typer.Argument(help="Scan in the npz data contract "
+                                         "(diffraction, probeGuess, xcoords, ycoords).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Bundle zip to write.")] = Path(
+        "bundle.zip"),
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    preset: Annotated[str, typer.Option(help="Model size: default (~2.3M params), small, "
+                                        "tiny.")] = "default",
+    gridsize: Annotated[int, typer.Option(min=1, max=2, help="1: one pattern per sample; "
+                                          "2: four neighbours with the overlap constraint.")] = 1,
+    loss: Annotated[str, typer.Option(help="poisson or mae.")] = "poisson",
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.1,
+    seed: int = 0,
+    accelerator: Annotated[str, typer.Option(help="Lightning accelerator: auto, cpu, gpu.")
+                           ] = "auto",
+    devices: Annotated[str, typer.Option(help="Lightning devices: auto, 1, 2, ...")] = "auto",
+    strategy: Annotated[str, typer.Option(help="Lightning strategy: auto, ddp, ...")] = "auto",
+    num_nodes: Annotated[int, typer.Option(min=1)] = 1,
+    run_dir: Annotated[Path | None, typer.Option(help="Checkpoints, logs, loss curve, "
+                                                 "quality report. Default: <bundle>_run/")
+                       ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from run_dir/checkpoints/last.ckpt."
+                                         )] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
+) -> None:
+    """Train the physics-informed model without labels and write a verified bundle."""
+
+    def body() -> None:
+        require_train_extra("ptycho-train")
+        from ptycho_export.train import TrainOptions, train
+
+        parsed_devices: str | int = int(devices) if devices.isdigit() else devices
+        options = TrainOptions(
+            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, preset=preset,
+            gridsize=gridsize, loss=loss, val_fraction=val_fraction, seed=seed,
+            accelerator=accelerator, devices=parsed_devices, strategy=strategy,
+            num_nodes=num_nodes, progress=progress, resume=resume)
+        result = train(data, output, run_dir, options)
+        typer.echo(f"bundle: {result.bundle_path}  ({result.seconds:.0f} s)")
+        typer.echo(f"run folder: {result.run_dir} (loss_curve.png, quality.json, checkpoints/)")
+        quality = result.quality
+        if quality.get("ground_truth"):
+            model, flat = quality["model"], quality["flat_baseline"]
+            typer.echo(f"vs ground truth: phase RMSE {model['phase_rmse_rad']:.3f} rad "
+                       f"(flat baseline {flat['phase_rmse_rad']:.3f}), amplitude corr "
+                       f"{model['amplitude_corr']:.3f}")
+        typer.echo(f"next: ptycho-bundle inspect {result.bundle_path}")
+
+    run_guarded(body, verbose)
+
+
+def main() -> None:
+    app()

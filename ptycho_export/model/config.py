@@ -1,0 +1,62 @@
+"""Everything needed to rebuild a model, as plain JSON-able data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+PRESETS: dict[str, tuple[int, ...]] = {
+    # PtychoPINN's default for N=64 (n_filters_scale 2): about 2.3 M parameters.
+    "default": (64, 128, 256),
+    # Laptop-CPU demo size: trains in minutes on 2 cores.
+    "small": (16, 32, 64),
+    # Unit tests.
+    "tiny": (4, 8, 16),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    patch_size: int = 64
+    gridsize: int = 1
+    widths: tuple[int, ...] = field(default_factory=lambda: PRESETS["default"])
+    # Amplitude head is amp_max * sigmoid: non-negative and bounded.
+    amp_max: float = 2.0
+
+    def __post_init__(self) -> None:
+        stride = 2 ** len(self.widths)
+        if self.patch_size % stride:
+            raise ValueError(
+                f"patch size {self.patch_size} must be divisible by {stride} "
+                f"({len(self.widths)} pooling stages)"
+            )
+        if self.gridsize not in (1, 2):
+            raise ValueError(f"gridsize must be 1 or 2, got {self.gridsize}")
+
+    @property
+    def channels(self) -> int:
+        """Patterns per sample: 1 for gridsize 1, 4 neighbours for gridsize 2."""
+        return self.gridsize * self.gridsize
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["widths"] = list(self.widths)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {"patch_size", "gridsize", "widths", "amp_max"}
+        missing = known - set(values)
+        if missing:
+            raise KeyError(f"model config is missing {sorted(missing)}")
+        return cls(
+            patch_size=int(values["patch_size"]),
+            gridsize=int(values["gridsize"]),
+            widths=tuple(int(w) for w in values["widths"]),
+            amp_max=float(values["amp_max"]),
+        )
+
+    @classmethod
+    def from_preset(cls, preset: str, patch_size: int, gridsize: int = 1) -> ModelConfig:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return cls(patch_size=patch_size, gridsize=gridsize, widths=PRESETS[preset])

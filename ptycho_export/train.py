@@ -1,0 +1,177 @@
+"""`ptycho-train`: one scan file in, one verified bundle out (plus a run folder).
+
+The Trainer holds the engineering (devices, strategies, checkpoints, logging); the
+LightningModule holds the science. Only rank 0 writes the bundle and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from ptycho_export.bundle import load_predictor, read_bundle, sha256_file, write_bundle
+from ptycho_export.data.module import ScanDataModule
+from ptycho_export.model.config import ModelConfig
+from ptycho_export.model.lightning import PtychoModule
+from ptycho_export.normalization import compute_normalization
+from ptycho_export.reconstruct import quality_report, reconstruct_eager
+from runtime.scan import ScanData, load_scan
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 30
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    preset: str = "default"
+    gridsize: int = 1
+    loss: str = "poisson"
+    val_fraction: float = 0.1
+    seed: int = 0
+    accelerator: str = "auto"
+    devices: str | int = "auto"
+    strategy: str = "auto"
+    num_nodes: int = 1
+    golden_count: int = 8
+    progress: bool = True
+    resume: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    bundle_path: Path
+    run_dir: Path
+    history: list[dict[str, float]]
+    quality: dict[str, Any]
+    seconds: float
+
+
+class LossHistory(Callback):
+    """Per-epoch train/val loss, kept in memory for the curve and the run report."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        row = {"epoch": float(trainer.current_epoch)}
+        for key in ("train_loss", "val_loss"):
+            if key in metrics:
+                row[key] = float(metrics[key])
+        self.rows.append(row)
+
+
+def save_loss_curve(path: Path, rows: list[dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation")):
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        if points:
+            epochs, values = zip(*points, strict=True)
+            ax.plot(np.asarray(epochs) + 1, values, marker="o", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss (Poisson NLL, 0 = perfect fit)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
+                   ) -> dict[str, np.ndarray]:
+    """Real validation inputs with the eager CPU float32 outputs: the parity reference."""
+    index = datamodule.val_index if len(datamodule.val_index) else datamodule.train_index
+    index = index[:count]
+    inputs = datamodule.amplitudes[torch.from_numpy(index)].float()
+    net = module.net.to("cpu", torch.float32).eval()
+    with torch.inference_mode():
+        amplitude, phase = net(inputs)
+    return {"amplitudes": inputs.numpy(), "amplitude": amplitude.numpy(),
+            "phase": phase.numpy(), "group_index": index.astype(np.int64)}
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def train(
+    data_path: str | os.PathLike, bundle_path: str | os.PathLike,
+    run_dir: str | os.PathLike | None = None, options: TrainOptions | None = None,
+    scan: ScanData | None = None,
+) -> TrainResult:
+    options = options or TrainOptions()
+    started = time.perf_counter()
+    scan = scan if scan is not None else load_scan(data_path)
+    bundle_path = Path(bundle_path)
+    run = Path(run_dir) if run_dir else bundle_path.with_name(bundle_path.stem + "_run")
+    run.mkdir(parents=True, exist_ok=True)
+
+    L.seed_everything(options.seed, workers=True, verbose=False)
+    config = ModelConfig.from_preset(options.preset, scan.patch_size, options.gridsize)
+    normalization = compute_normalization(scan.amplitudes, scan.probe)
+    datamodule = ScanDataModule(scan, options.gridsize, options.batch_size,
+                                options.val_fraction, options.seed)
+    module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
+                          options.loss, datamodule.max_offset_px)
+    history = LossHistory()
+    checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
+    trainer = L.Trainer(
+        max_epochs=options.epochs,
+        accelerator=options.accelerator,
+        devices=options.devices,
+        strategy=options.strategy,
+        num_nodes=options.num_nodes,
+        default_root_dir=run,
+        logger=CSVLogger(run, name="logs"),
+        callbacks=[history, checkpoints],
+        enable_progress_bar=options.progress,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    # Our own run folder's checkpoint (Lightning's format) is trusted for resuming only;
+    # bundles never contain pickles.
+    trainer.fit(module, datamodule=datamodule,
+                ckpt_path=str(last) if options.resume and last.exists() else None)
+
+    quality: dict[str, Any] = {}
+    if trainer.is_global_zero:
+        golden = golden_samples(module, datamodule, options.golden_count)
+        write_bundle(
+            bundle_path, config=config, normalization=normalization,
+            state_dict=module.net.state_dict(), probe=scan.probe, golden=golden,
+            training={k: v for k, v in asdict(options).items() if k != "extra"}
+            | {"epochs_run": trainer.current_epoch, "history": history.rows},
+            data={"source": Path(scan.source).name if scan.source else "<memory>",
+                  "sha256": sha256_file(data_path) if data_path else None,
+                  "n_patterns": scan.n_patterns, "patch_size": scan.patch_size},
+        )
+        if history.rows:
+            save_loss_curve(run / "loss_curve.png", history.rows)
+        predictor = load_predictor(read_bundle(bundle_path), "cpu")
+        quality = quality_report(reconstruct_eager(predictor, scan), scan)
+        _write_json(run / "quality.json", quality)
+        _write_json(run / "history.json", history.rows)
+    return TrainResult(bundle_path=bundle_path, run_dir=run, history=history.rows,
+                       quality=quality, seconds=time.perf_counter() - started)

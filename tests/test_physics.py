@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+
+from ptycho_export.normalization import compute_normalization, target_power
+from ptycho_export.overlap import merge_and_reextract
+from ptycho_export.physics import FarField, poisson_nll, polar_to_re_im, shifted_dft_matrix
+
+
+def _random_complex(rng, shape):
+    return (rng.normal(size=shape) + 1j * rng.normal(size=shape)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("n", [16, 32, 64])
+def test_far_field_matches_numpy_fft(n):
+    rng = np.random.default_rng(n)
+    probe = _random_complex(rng, (n, n))
+    obj = _random_complex(rng, (3, 2, n, n))
+    reference = np.abs(np.fft.fftshift(np.fft.fft2(probe * obj, norm="ortho"), axes=(-2, -1)))
+    physics = FarField(probe)
+    got = physics(torch.from_numpy(obj.real.copy()), torch.from_numpy(obj.imag.copy())).numpy()
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - reference)) / reference.max() < 2e-6
+
+
+def test_shifted_dft_matrix_is_unitary_and_centred():
+    a = shifted_dft_matrix(8)
+    np.testing.assert_allclose(a @ a.conj().T, np.eye(8), atol=1e-12)
+    # A constant signal lands in the centre pixel N/2 after fftshift.
+    spectrum = a @ np.ones(8)
+    assert np.argmax(np.abs(spectrum)) == 4
+
+
+def test_parseval_holds_in_the_physics():
+    rng = np.random.default_rng(1)
+    probe = _random_complex(rng, (32, 32))
+    obj_re, obj_im = (torch.from_numpy(rng.normal(size=(4, 1, 32, 32)).astype(np.float32))
+                      for _ in range(2))
+    far = FarField(probe)(obj_re, obj_im)
+    wave = np.abs(probe * (obj_re.numpy() + 1j * obj_im.numpy())) ** 2
+    np.testing.assert_allclose(far.square().sum((-2, -1)).numpy(), wave.sum((-2, -1)), rtol=1e-4)
+
+
+def test_poisson_nll_is_zero_at_truth_and_positive_elsewhere():
+    measured = torch.rand(2, 1, 8, 8) * 3
+    assert abs(float(poisson_nll(measured, measured))) < 1e-5
+    assert float(poisson_nll(measured * 1.1, measured)) > 1e-3
+    assert float(poisson_nll(measured * 0.9, measured)) > 1e-3
+
+
+def test_polar_matches_complex_exp():
+    amp = torch.rand(5)
+    phase = (torch.rand(5) - 0.5) * 6
+    re, im = polar_to_re_im(amp, phase)
+    expected = amp.to(torch.complex64) * torch.exp(1j * phase.to(torch.complex64))
+    torch.testing.assert_close(re, expected.real)
+    torch.testing.assert_close(im, expected.imag)
+
+
+def test_normalization_targets_power_and_survives_uint16_scale_values():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3000.0, size=(50, 16, 16)).astype(np.float64)  # > uint16 squares
+    amplitudes = np.sqrt(counts).astype(np.float32)
+    probe = _random_complex(rng, (16, 16)) * 100
+    norm = compute_normalization(amplitudes, probe)
+    scaled = (amplitudes.astype(np.float64) * norm.amplitude_scale) ** 2
+    assert scaled.sum((-2, -1)).mean() == pytest.approx(target_power(16), rel=1e-6)
+    assert np.sum(np.abs(probe * norm.probe_scale) ** 2) == pytest.approx(target_power(16), 1e-5)
+    # Pre-normalised data (max < 1) gives the same network inputs: scale is relative.
+    norm_small = compute_normalization(amplitudes / amplitudes.max(), probe)
+    ratio = norm_small.amplitude_scale / norm.amplitude_scale
+    assert ratio == pytest.approx(float(amplitudes.max()), rel=1e-5)
+
+
+def test_normalization_refuses_all_zero_data():
+    with pytest.raises(ValueError, match="all zero"):
+        compute_normalization(np.zeros((3, 8, 8), np.float32), np.ones((8, 8), np.complex64))
+
+
+def test_overlap_merge_is_identity_for_consistent_patches_at_integer_offsets():
+    rng = np.random.default_rng(3)
+    big = rng.normal(size=(40, 40)) + 1j * rng.normal(size=(40, 40))
+    n = 16
+    corners = np.array([[10, 10], [10, 14], [13, 10], [13, 14]])
+    patches = np.stack([big[y:y + n, x:x + n] for y, x in corners])[None]
+    centres = corners + n / 2
+    offsets = torch.from_numpy((centres - centres[0])[None].astype(np.float32))
+    re = torch.from_numpy(patches.real.astype(np.float32))
+    im = torch.from_numpy(patches.imag.astype(np.float32))
+    out_re, out_im = merge_and_reextract(re, im, offsets, pad=4)
+    torch.testing.assert_close(out_re, re, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_im, im, atol=1e-5, rtol=0)
+
+
+def test_overlap_merge_averages_disagreeing_patches():
+    n = 8
+    re = torch.zeros(1, 4, n, n)
+    re[0, 1] = 1.0  # one neighbour disagrees
+    offsets = torch.zeros(1, 4, 2)  # all four on top of each other
+    out_re, _ = merge_and_reextract(re, torch.zeros_like(re), offsets, pad=1)
+    torch.testing.assert_close(out_re, torch.full_like(re, 0.25))
