@@ -15,8 +15,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import stat
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -129,8 +129,10 @@ def write_bundle(
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    # Not mkstemp: its 0600 mode would survive the rename and hide the bundle from the
+    # group; O_EXCL with the umask-respecting 0666 is just as safe against clobbering.
+    tmp_name = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
+    os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
@@ -194,7 +196,8 @@ def read_members(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYT
             raise BundleError(f"{source}: manifest.json is missing; not a ptycho-export bundle")
         try:
             blobs = {name: _read_member(archive, info, source) for name, info in by_name.items()}
-        except (zipfile.BadZipFile, EOFError, OSError, zlib_error()) as err:
+        except (zipfile.BadZipFile, EOFError, OSError, zlib_error(),
+                RuntimeError, NotImplementedError) as err:  # encrypted / unknown method
             raise BundleError(f"{source}: the zip is damaged or truncated ({err})") from None
     manifest = _parse_manifest(source, blobs.pop("manifest.json"))
     listed = manifest["members"]
@@ -221,7 +224,7 @@ def zlib_error() -> type[Exception]:
 def _parse_manifest(source: str, blob: bytes) -> dict[str, Any]:
     try:
         manifest = json.loads(blob)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise BundleError(f"{source}: manifest.json is not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{source}: manifest.json is not a {FORMAT_NAME} manifest")
@@ -266,11 +269,16 @@ def read_bundle(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTE
     manifest, blobs = read_members(path, max_member_bytes)
     try:
         config_all = json.loads(blobs["config.json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise BundleError(f"{source}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config_all, dict):
+        raise BundleError(f"{source}: config.json is not a JSON object")
     missing = [key for key in CONFIG_SECTIONS if key not in config_all]
     if missing:
         raise BundleError(f"{source}: config.json is missing section(s) {missing}")
+    not_objects = [key for key in CONFIG_SECTIONS if not isinstance(config_all[key], dict)]
+    if not_objects:
+        raise BundleError(f"{source}: config.json section(s) {not_objects} are not JSON objects")
     try:
         config = ModelConfig.from_dict(config_all["model"])
         normalization = Normalization.from_dict(config_all["normalization"])
@@ -286,7 +294,13 @@ def read_bundle(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTE
     if probe.shape != (n, n) or probe.dtype != np.complex64:
         raise BundleError(f"{source}: probe.npy is {probe.dtype}{probe.shape}, "
                           f"expected complex64({n}, {n})")
-    expected = PtychoNet(config).state_dict()
+    try:
+        # Shapes only, on the meta device: a config asking for a huge model costs nothing
+        # here, and the real allocation happens only once the weights file matched it.
+        with torch.device("meta"):
+            expected = PtychoNet(config).state_dict()
+    except (IndexError, RuntimeError, ValueError) as err:
+        raise BundleError(f"{source}: config.json describes no buildable model: {err}") from None
     state_dict = _parse_weights(source, blobs["weights.safetensors"], expected)
     return Bundle(path=Path(path), manifest=manifest, config=config,
                   normalization=normalization, training=config_all["training"],
@@ -321,6 +335,9 @@ class Predictor:
         self.config = net.config
 
     def _as_input(self, amplitudes: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(amplitudes, np.ndarray) and not np.iscomplexobj(amplitudes):
+            # torch cannot wrap flipped (negative-stride) or big-endian (HDF5) arrays
+            amplitudes = np.ascontiguousarray(amplitudes, dtype=np.float32)
         tensor = torch.as_tensor(amplitudes)
         if tensor.is_complex():
             raise ValueError("diffraction amplitudes must be real, got a complex array")

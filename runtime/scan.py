@@ -72,6 +72,11 @@ class ScanData:
 # --------------------------------------------------------------------------- validation
 
 
+def _describe(err: BaseException) -> str:
+    """An exception as one line (DataError messages are single lines)."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
 def _fail(source: str, key: str, problem: str) -> DataError:
     return DataError(f"{source}: key '{key}' {problem}")
 
@@ -80,7 +85,7 @@ def _as_array(value: Any, source: str, key: str) -> np.ndarray:
     try:
         arr = np.asarray(value)
     except (ValueError, TypeError) as err:  # ragged lists and the like
-        raise _fail(source, key, f"is not a regular numeric array ({err})") from err
+        raise _fail(source, key, f"is not a regular numeric array ({_describe(err)})") from err
     if arr.dtype.kind in "OSUVMm":
         raise _fail(source, key, f"has non-numeric dtype {arr.dtype}; a numeric array is required")
     return arr
@@ -305,7 +310,7 @@ def _read_key(npz: Any, key: str, source: str) -> np.ndarray:
                 "holds Python objects (pickled data); refusing to unpickle — "
                 "store a plain numeric array",
             ) from err
-        raise _fail(source, key, f"cannot be read ({type(err).__name__}: {err})") from err
+        raise _fail(source, key, f"cannot be read ({_describe(err)})") from err
 
 
 def load_scan(path: str | os.PathLike[str]) -> ScanData:
@@ -325,12 +330,10 @@ def load_scan(path: str | os.PathLike[str]) -> ScanData:
         if isinstance(err, ValueError) and "pickle" in str(err).lower():
             # numpy's text suggests loading "unsafely"; we never do, so don't suggest it.
             raise DataError(
-                f"{source}: not a readable .npz archive (no zip or .npy signature; "
-                "pickled files are never loaded)"
+                f"{source}: not a readable .npz archive (it looks like pickled data, "
+                "which is never loaded)"
             ) from err
-        raise DataError(
-            f"{source}: not a readable .npz archive ({type(err).__name__}: {err})"
-        ) from err
+        raise DataError(f"{source}: not a readable .npz archive ({_describe(err)})") from err
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise DataError(
             f"{source}: is a single .npy array, expected an .npz archive with keys "

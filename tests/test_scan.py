@@ -19,9 +19,7 @@ def _arrays(m: int = M, n: int = N) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     return {
         "diffraction": rng.uniform(0.0, 0.9, size=(m, n, n)).astype(np.float32),
-        "probeGuess": (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))).astype(
-            np.complex64
-        ),
+        "probeGuess": (rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))).astype(np.complex64),
         "xcoords": rng.uniform(10, 20, size=m),
         "ycoords": rng.uniform(10, 20, size=m),
         "objectGuess": np.exp(1j * rng.uniform(-1, 1, size=(30, 30))).astype(np.complex64),
@@ -354,7 +352,9 @@ def test_pickled_object_array_is_refused_not_unpickled(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- atomic save
 
 
-def test_failed_save_leaves_old_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_save_leaves_old_file_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "scan.npz"
     old = _scan()
     save_scan(path, old)
@@ -388,3 +388,13 @@ def test_save_into_missing_directory_is_data_error(tmp_path: Path) -> None:
     path = tmp_path / "no" / "such" / "scan.npz"
     with pytest.raises(DataError, match="scan.npz: cannot write"):
         save_scan(path, _scan())
+
+
+def test_runtime_scan_is_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime.scan; sys.exit('torch' in sys.modules or 'lightning' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,0 +1,86 @@
+"""ptycho-run ARTIFACT DATA.npz -o OUTDIR  (torch-free: numpy + onnxruntime only)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cli.common import run_guarded
+from runtime.errors import ArtifactError
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _echo_self_check(result: dict[str, Any]) -> None:
+    status = result["status"]
+    typer.echo(f"self-check: {status} ({result['patterns']} golden patterns)")
+    for name, stats in result.get("stats", {}).items():
+        value = stats.get("weighted_max") if name == "phase" else stats.get("rel_max")
+        label = "weighted max rad" if name == "phase" else "rel max"
+        typer.echo(f"  {name}: {label} {value:.3g}")
+    for failure in result.get("failures", []):
+        typer.echo(f"  FAIL {failure}")
+
+
+@app.command()
+def run_command(
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact folder (or its model.onnx) "
+                                             "with manifest.json.")],
+    data: Annotated[Path | None, typer.Argument(
+        help="Scan in the npz data contract. Leave out to run only the self-check.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Output folder (replaced atomically). Default: <data>_recon/ "
+        "next to the data file.")] = None,
+    provider: Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (best available; "
+                                          "the report says which ran).")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Patterns per inference call (dynamic-batch artifacts; default 256).")
+                          ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads per inference "
+                                                "(default: onnxruntime's choice).")] = None,
+    self_check: Annotated[bool, typer.Option(help="Run golden.npz through the session first "
+                                             "and stop on a mismatch.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks and "
+                                          "onnxruntime warnings.")] = False,
+) -> None:
+    """Reconstruct a scan with an exported model, without torch."""
+
+    def body() -> None:
+        from runtime.run import run_scan, self_check_artifact
+
+        if data is None:
+            result = self_check_artifact(artifact, provider, threads)
+            info = result["provider"]
+            typer.echo(f"artifact: {result['artifact']['folder']} (sha256 verified)")
+            typer.echo(f"provider: {info['provider']} ({info['ep']})")
+            _echo_self_check(result["self_check"])
+            if result["self_check"]["status"] != "PASS":
+                raise ArtifactError("self-check FAILED: " +
+                                    "; ".join(result["self_check"]["failures"]))
+            return
+        outdir = output or data.with_name(f"{data.stem}_recon")
+        report = run_scan(artifact, data, outdir, provider=provider, batch_size=batch_size,
+                          threads=threads, self_check=self_check, progress=progress,
+                          log_level=2 if verbose else 3)
+        info = report["provider"]
+        counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
+        typer.echo(f"provider: {info['provider']} ({info['ep']}; nodes {counts})")
+        for name, why in info.get("skipped", {}).items():
+            typer.echo(f"  skipped {name}: {why}")
+        for warning in report["warnings"]:
+            typer.echo(f"warning: {warning}")
+        typer.echo(f"{report['patterns']} patterns in {report['seconds']['inference']:.2f} s: "
+                   f"{report['patterns_per_s']:,.0f} patterns/s (batch {report['batch_size']})")
+        if self_check:
+            _echo_self_check(report["self_check"])
+        files = ", ".join(report["files"])
+        typer.echo(f"wrote {outdir}/ ({files})")
+
+    run_guarded(body, verbose)
+
+
+def main() -> None:
+    app()

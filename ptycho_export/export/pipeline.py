@@ -1,0 +1,357 @@
+"""lint -> freeze -> audit -> parity gate -> manifest, written to a temp folder and renamed.
+
+A failed gate leaves nothing in the output folder but the failure report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ptycho_export.bundle import Bundle, build_net, read_bundle, sha256_file
+from ptycho_export.export.audit import audit_onnx, audit_torch_file
+from ptycho_export.export.formats import FORMATS, PRECISIONS, UsageError
+from ptycho_export.export.lint import lint_module
+from ptycho_export.export.wrapper import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    PHYSICS_INPUT_NAMES,
+    PHYSICS_OUTPUT_NAME,
+    FftPhysicsWrapper,
+    InferenceWrapper,
+    MatmulPhysicsWrapper,
+)
+from ptycho_export.parity import (
+    OnnxRunner,
+    ParityRow,
+    eager_runner,
+    parity_cases,
+    parity_table,
+    pt2_runner,
+    run_parity,
+    torchscript_runner,
+)
+from runtime.compare import DEFAULT_TOLERANCES
+from runtime.errors import ParityError
+
+MANIFEST_FORMAT = "ptycho-export-artifacts"
+MANIFEST_VERSION = 1
+COMPLEX_LAYOUT = "object = amplitude * exp(1j * phase); two real float32 outputs"
+ORIGIN_CONVENTION = ("positions are patch centres in object pixels; patch pixel (i, j) covers "
+                     "object pixel (y - N/2 + i, x - N/2 + j)")
+FFT_IMPLS = ("matmul", "dft")
+
+
+@dataclass
+class ExportOptions:
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    batch: int | None = None  # None: dynamic batch axis; an int fixes it
+    opset: int = 20
+    precision: str = "fp32"
+    with_physics: bool = False
+    fft_impl: str = "matmul"
+    tolerances: dict[str, float] = field(default_factory=dict)
+    command: str = ""
+
+    def validate(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise UsageError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r} is not supported yet "
+                             f"(available: {', '.join(PRECISIONS)})")
+        if self.fft_impl not in FFT_IMPLS:
+            raise UsageError(f"fft implementation {self.fft_impl!r}: choose from {FFT_IMPLS}")
+        if self.batch is not None and self.batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {self.batch}")
+        if not 18 <= self.opset <= 23:
+            raise UsageError(f"--opset {self.opset}: the dynamo exporter supports 18 to 23")
+
+
+@dataclass
+class ExportResult:
+    outdir: Path
+    manifest: dict[str, Any]
+    rows: list[ParityRow]
+    seconds: float
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter logs torchvision notices and FutureWarnings on every call."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.onnx")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("ptycho-export", "torch", "onnx", "onnxscript", "onnxruntime",
+                 "onnxruntime-gpu", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def _example_batch(golden: np.ndarray, batch: int | None) -> np.ndarray:
+    """Dynamic batch needs an example batch >= 2 (a batch-1 example silently freezes 1)."""
+    size = batch if batch is not None else 2
+    reps = math.ceil(size / max(len(golden), 1))
+    return np.ascontiguousarray(np.concatenate([golden] * reps)[:size], dtype=np.float32)
+
+
+def save_onnx(program_or_module: Any, example: tuple[torch.Tensor, ...], path: Path,
+              opset: int, input_names: list[str], output_names: list[str],
+              metadata: dict[str, str]) -> None:
+    import onnx
+
+    with quiet_exporter():
+        program = torch.onnx.export(program_or_module, example, dynamo=True,
+                                    opset_version=opset, input_names=input_names,
+                                    output_names=output_names, external_data=False,
+                                    verbose=False)
+    model = program.model_proto
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = "batch"
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def _replace_dir(tmp: Path, outdir: Path) -> None:
+    """Swap the finished temp folder in; an older output survives until the swap."""
+    backup = None
+    if outdir.exists():
+        backup = outdir.with_name(f".{outdir.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(outdir, backup)
+    try:
+        os.replace(tmp, outdir)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup, outdir)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _gate(rows: list[ParityRow]) -> list[str]:
+    return [f"{r.candidate} [{r.case}] {f}" for r in rows if r.gated for f in r.failures]
+
+
+def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance: float,
+                    metadata: dict[str, str], outputs: dict[str, np.ndarray]
+                    ) -> tuple[dict[str, Any], list[ParityRow]]:
+    n = bundle.config.patch_size
+    cls = MatmulPhysicsWrapper if options.fft_impl == "matmul" else FftPhysicsWrapper
+    physics = cls(bundle.probe.astype(np.complex128), bundle.normalization.amplitude_scale,
+                  bundle.normalization.probe_scale).eval()
+    amplitude = _example_batch(outputs["amplitude"], options.batch)
+    phase = _example_batch(outputs["phase"], options.batch)
+    example = (torch.from_numpy(amplitude), torch.from_numpy(phase))
+    # Both impls go through the lint: exporting the bare module would freeze the batch axis.
+    linted = lint_module(physics, example, options.batch is None)
+    path = tmp / "physics.onnx"
+    save_onnx(linted.exported, example, path, options.opset,
+              list(PHYSICS_INPUT_NAMES), [PHYSICS_OUTPUT_NAME], metadata)
+    b = "batch" if options.batch is None else options.batch
+    c = bundle.config.channels
+    facts = audit_onnx(path, {name: [b, c, n, n] for name in PHYSICS_INPUT_NAMES},
+                       {PHYSICS_OUTPUT_NAME: [b, c, n, n]}, options.opset)
+    reference = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,))
+    exact = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,),
+                         dtype=torch.float64)
+    candidate = OnnxRunner("onnxruntime cpu (physics)", path)
+    feeds = {"amplitude": outputs["amplitude"], "phase": outputs["phase"]}
+    tolerances = {f"{PHYSICS_OUTPUT_NAME}_rel_max": tolerance}
+    from runtime.compare import compare_outputs, tolerance_failures
+
+    rows = []
+    expected = reference.infer(feeds)
+    stats = compare_outputs(expected, candidate.infer(feeds))
+    rows.append(ParityRow(candidate.name, reference.name, "golden", stats,
+                          tolerance_failures(stats, tolerances), True))
+    exact_out = {k: v.astype(np.float32) for k, v in exact.infer(
+        {k: v.astype(np.float64) for k, v in feeds.items()}).items()}
+    rows.append(ParityRow(reference.name, exact.name, "golden",
+                          compare_outputs(exact_out, expected), [], False))
+    facts.update({"file": path.name, "fft_impl": options.fft_impl,
+                  "inputs": list(PHYSICS_INPUT_NAMES), "output": PHYSICS_OUTPUT_NAME,
+                  "units": "measured amplitudes (sqrt counts), same units as the input data",
+                  "tolerance_rel_max": tolerance})
+    return facts, rows
+
+
+def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
+                  options: ExportOptions | None = None, log=None) -> ExportResult:  # noqa: ANN001
+    options = options or ExportOptions()
+    options.validate()
+    log = log or (lambda message: None)
+    started = time.perf_counter()
+    outdir = Path(outdir)
+    bundle = read_bundle(bundle_path)
+    net = build_net(bundle)  # eval, float32, CPU: the only model this function freezes
+    config = bundle.config
+    n, c = config.patch_size, config.channels
+    dynamic = options.batch is None
+    b: int | str = "batch" if dynamic else options.batch
+    tolerances = DEFAULT_TOLERANCES[options.precision] | options.tolerances
+    golden = np.asarray(bundle.golden["amplitudes"], dtype=np.float32)
+
+    wrapper = InferenceWrapper(net).eval()
+    example_np = _example_batch(golden, options.batch)
+    example = (torch.from_numpy(example_np),)
+    log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
+    linted = lint_module(wrapper, example, dynamic)
+
+    bundle_sha = sha256_file(bundle_path)
+    metadata = {
+        "producer": "ptycho-export", "patch_size": str(n), "gridsize": str(config.gridsize),
+        "channels": str(c), "input": INPUT_NAME, "outputs": ",".join(OUTPUT_NAMES),
+        "amplitude_scale": repr(bundle.normalization.amplitude_scale),
+        "complex_layout": COMPLEX_LAYOUT, "origin_convention": ORIGIN_CONVENTION,
+        "source_bundle_sha256": bundle_sha, "precision": options.precision,
+    }
+    shape = [b, c, n, n]
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        artifacts: dict[str, dict[str, Any]] = {}
+        candidates = []
+        output_shapes = [tuple(example_np.shape)] * len(OUTPUT_NAMES)
+        for name in options.formats:
+            fmt = FORMATS[name]
+            path = tmp / fmt.filename
+            t0 = time.perf_counter()
+            if name == "onnx":
+                save_onnx(linted.exported, example, path, options.opset, [INPUT_NAME],
+                          list(OUTPUT_NAMES), metadata)
+                facts = audit_onnx(path, {INPUT_NAME: shape},
+                                   {o: shape for o in OUTPUT_NAMES}, options.opset)
+                candidates.append(OnnxRunner("onnxruntime cpu", path))
+            elif name == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    torch.jit.save(linted.traced, str(path), _extra_files={
+                        "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
+                    facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
+                    candidates.append(torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
+            else:
+                torch.export.save(linted.exported, str(path))
+                facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
+                candidates.append(pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
+            facts["seconds"] = round(time.perf_counter() - t0, 3)
+            artifacts[name] = {"file": fmt.filename, **facts}
+            log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
+                f"{facts['seconds']:.1f} s), audit passed")
+
+        cases = parity_cases(golden, n_random=8, seed=0)
+        if not dynamic:  # fixed-batch artifacts only take their own batch size
+            cases = {k: _example_batch(v, options.batch) for k, v in cases.items()}
+        reference = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES)
+        exact = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES, dtype=torch.float64)
+        rows = run_parity(reference, candidates, cases, INPUT_NAME, tolerances, exact)
+        golden_in = cases["golden"]
+        golden_out = reference.infer({INPUT_NAME: golden_in})
+
+        physics_facts = None
+        if options.with_physics:
+            pow2 = n & (n - 1) == 0
+            tol = tolerances.get(f"{PHYSICS_OUTPUT_NAME}_rel_max", 1e-5 if pow2 else 1e-4)
+            if not pow2:
+                log(f"warning: patch size {n} is not a power of two; physics tolerance "
+                    f"loosened to {tol:g}")
+            physics_facts, physics_rows = _physics_parity(bundle, tmp, options, tol, metadata,
+                                                          golden_out)
+            rows += physics_rows
+            artifacts["physics"] = physics_facts
+
+        failures = _gate(rows)
+        table = parity_table(rows)
+        if failures:
+            report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
+                      "rows": [r.to_dict() for r in rows], "command": options.command}
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+            _write_json(tmp / "parity_failure.json", report)
+            (tmp / "parity_failure.md").write_text(
+                "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
+                "\n\n" + table + "\n\nNext: inspect the failing node with "
+                "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
+            _replace_dir(tmp, outdir)
+            worst = failures[0]
+            raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
+                              f"report in {outdir / 'parity_failure.md'}")
+
+        np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
+                 **{k: v.astype(np.float32) for k, v in golden_out.items()})
+        (tmp / "parity.md").write_text(table + "\n")
+        manifest = {
+            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": options.command,
+            "source_bundle": {"file": Path(bundle_path).name, "sha256": bundle_sha},
+            "versions": versions(),
+            "model": config.to_dict(),
+            "normalization": bundle.normalization.to_dict(),
+            "precision": options.precision,
+            "inputs": [{"name": INPUT_NAME, "shape": shape, "dtype": "float32",
+                        "meaning": "measured diffraction amplitudes (sqrt counts, as in the "
+                                   "training data); the graph applies amplitude_scale itself"}],
+            "outputs": [{"name": "amplitude", "shape": shape, "dtype": "float32",
+                         "range": [0.0, config.amp_max]},
+                        {"name": "phase", "shape": shape, "dtype": "float32",
+                         "range": [-math.pi, math.pi]}],
+            "complex_layout": COMPLEX_LAYOUT,
+            "origin_convention": ORIGIN_CONVENTION,
+            "fft": {"implementation": "dft-matmul (training physics)", "norm": "ortho",
+                    "shift": "centred (fftshift)"},
+            "probe_sha256": __import__("hashlib").sha256(bundle.probe.tobytes()).hexdigest(),
+            "artifacts": artifacts,
+            "golden": {"file": "golden.npz", "input": INPUT_NAME,
+                       "outputs": list(OUTPUT_NAMES)},
+            "tolerances": tolerances,
+            "parity": {"status": "PASS", "rows": [r.to_dict() for r in rows]},
+        }
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / "manifest.json", manifest)
+        _replace_dir(tmp, outdir)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(outdir=outdir, manifest=manifest, rows=rows,
+                        seconds=time.perf_counter() - started)

@@ -1,0 +1,163 @@
+"""Runners of one small protocol (eager, TorchScript, .pt2, onnxruntime) and the parity gate.
+
+Each runner takes a float32 numpy batch and returns named float32 numpy outputs; the gate
+is then a loop: same inputs through every runner, `runtime.compare` on each pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.compare import OutputStats, compare_outputs, tolerance_failures
+
+
+class Runner(Protocol):
+    name: str
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def _named(outputs: tuple[torch.Tensor, ...] | torch.Tensor, names: tuple[str, ...]
+           ) -> dict[str, np.ndarray]:
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    return {n: o.detach().to("cpu").numpy() for n, o in zip(names, outputs, strict=True)}
+
+
+@dataclass
+class TorchRunner:
+    """An nn.Module, TorchScript module or .pt2 program, on one device and dtype."""
+
+    name: str
+    module: nn.Module
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+    @torch.inference_mode()
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device, self.dtype)
+                for n in self.input_names]
+        return _named(self.module(*args), self.output_names)
+
+
+def eager_runner(module: nn.Module, input_names, output_names, *, dtype=torch.float32,  # noqa: ANN001
+                 device: str = "cpu") -> TorchRunner:
+    import copy
+
+    clone = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+    label = f"eager {'fp64' if dtype == torch.float64 else 'fp32'} {device}"
+    return TorchRunner(label, clone, tuple(input_names), tuple(output_names), device, dtype)
+
+
+def torchscript_runner(path: Path, input_names, output_names, device: str = "cpu"  # noqa: ANN001
+                       ) -> TorchRunner:
+    module = torch.jit.load(str(path), map_location=device)
+    return TorchRunner(f"torchscript {device}", module, tuple(input_names), tuple(output_names),
+                       device)
+
+
+def pt2_runner(path: Path, input_names, output_names) -> TorchRunner:  # noqa: ANN001
+    program = torch.export.load(str(path))
+    return TorchRunner("pt2 cpu", program.module(), tuple(input_names), tuple(output_names))
+
+
+@dataclass
+class OnnxRunner:
+    name: str
+    path: Path
+    provider: str = "CPUExecutionProvider"
+    session: object = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
+                 for i in self.session.get_inputs()}
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+
+def parity_cases(golden: np.ndarray, n_random: int = 8, seed: int = 0
+                 ) -> dict[str, np.ndarray]:
+    """Inputs that a deployment meets: real patterns, fresh Poisson draws at the same count
+    level, an all-zero pattern (beam off) and a saturated one (detector at its max)."""
+    golden = np.asarray(golden, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    mean_intensity = np.square(golden.astype(np.float64)).mean(axis=0, keepdims=True)
+    levels = rng.uniform(0.5, 2.0, size=(n_random, 1, 1, 1))
+    counts = rng.poisson(mean_intensity * levels)
+    top = float(golden.max()) if golden.size else 1.0
+    return {
+        "golden": golden,
+        "random_counts": np.sqrt(counts).astype(np.float32),
+        "zeros": np.zeros_like(golden[:1]),
+        "saturated": np.full_like(golden[:1], top),
+    }
+
+
+@dataclass
+class ParityRow:
+    candidate: str
+    reference: str
+    case: str
+    stats: dict[str, OutputStats]
+    failures: list[str]
+    gated: bool
+
+    def to_dict(self) -> dict:
+        return {"candidate": self.candidate, "reference": self.reference, "case": self.case,
+                "gated": self.gated, "failures": self.failures,
+                "outputs": {k: v.to_dict() for k, v in self.stats.items()}}
+
+
+def run_parity(reference: Runner, candidates: list[Runner], cases: dict[str, np.ndarray],
+               input_name: str, tolerances: dict[str, float],
+               float64_reference: Runner | None = None) -> list[ParityRow]:
+    """Gated rows: every candidate vs the fp32 eager reference. Informational rows: fp32
+    eager and each candidate vs the fp64 eager run, which shows how much of the error is
+    plain float32 arithmetic rather than the export."""
+    rows = []
+    for case, batch in cases.items():
+        feeds = {input_name: batch}
+        expected = reference.infer(feeds)
+        outputs = {c.name: c.infer(feeds) for c in candidates}
+        for candidate in candidates:
+            stats = compare_outputs(expected, outputs[candidate.name])
+            rows.append(ParityRow(candidate.name, reference.name, case, stats,
+                                  tolerance_failures(stats, tolerances), True))
+        if float64_reference is not None:
+            exact = float64_reference.infer({input_name: batch.astype(np.float64)})
+            exact = {k: v.astype(np.float32) for k, v in exact.items()}
+            for name, produced in [(reference.name, expected), *outputs.items()]:
+                stats = compare_outputs(exact, produced)
+                rows.append(ParityRow(name, float64_reference.name, case, stats, [], False))
+    return rows
+
+
+def parity_table(rows: list[ParityRow]) -> str:
+    """Markdown: one line per candidate/case/output, worst numbers first-class."""
+    lines = ["| candidate | reference | case | output | max abs | rel to max | p99 abs | "
+             "phase weighted | NaN/Inf | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name, s in row.stats.items():
+            weighted = f"{s.weighted_max:.2e}" if s.weighted_max is not None else ""
+            bad = [f for f in row.failures if f.startswith(name)]
+            status = ("FAIL" if bad else "ok") if row.gated else "info"
+            lines.append(f"| {row.candidate} | {row.reference} | {row.case} | {name} | "
+                         f"{s.max_abs:.2e} | {s.rel_max:.2e} | {s.p99_abs:.2e} | {weighted} | "
+                         f"{s.nan_count}/{s.inf_count} | {status} |")
+    return "\n".join(lines)

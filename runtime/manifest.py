@@ -1,0 +1,207 @@
+"""Read an exported artifact folder's manifest.json and verify the files it lists (no torch).
+
+The runtime trusts nothing in an artifact folder until the manifest says what it is and the
+model file's size and sha256 match what the exporter recorded: a model edited, truncated or
+swapped after export would otherwise run and produce plausible but wrong images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.compare import DEFAULT_TOLERANCES
+from runtime.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "ptycho-export-artifacts"
+MANIFEST_VERSION = 1
+DEFAULT_MODEL_FILE = "model.onnx"
+
+__all__ = ["ArtifactSpec", "MANIFEST_NAME", "load_artifact", "sha256_file", "verify_file"]
+
+
+def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
+    """Streamed sha256, so a large model is never read into memory at once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """What the runtime needs from a verified artifact folder."""
+
+    folder: Path
+    manifest_path: Path
+    model_path: Path
+    model_sha256: str
+    patch_size: int
+    gridsize: int
+    channels: int
+    input_name: str
+    input_shape: tuple[int | str, ...]  # e.g. ("batch", 1, 64, 64)
+    output_names: tuple[str, ...]
+    batch: int | None  # None: dynamic batch axis
+    tolerances: dict[str, float]
+    golden_path: Path | None
+    golden_input: str = "diffraction"
+    golden_outputs: tuple[str, ...] = ()
+    precision: str = "fp32"
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _fail(where: Path, problem: str) -> ArtifactError:
+    return ArtifactError(f"{where}: {problem}")
+
+
+def _resolve(path: Path) -> tuple[Path, str | None]:
+    """(folder, model file name or None) from a folder, a model file or the manifest itself."""
+    if path.is_dir():
+        return path, None
+    if path.exists():
+        if path.name == MANIFEST_NAME:
+            return path.parent, None
+        return path.parent, path.name
+    raise ArtifactError(f"{path}: not found (give the exported folder or its model.onnx)")
+
+
+def _read_manifest(manifest_path: Path) -> dict[str, Any]:
+    if not manifest_path.is_file():
+        raise _fail(manifest_path, "missing; an artifact folder written by ptycho-export has "
+                    "one (was the folder copied without it?)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise _fail(manifest_path, f"cannot be read ({type(err).__name__})") from err
+    except json.JSONDecodeError as err:
+        raise _fail(manifest_path, f"is not valid JSON (line {err.lineno}: {err.msg})") from err
+    if not isinstance(manifest, dict):
+        raise _fail(manifest_path, "is not a JSON object")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise _fail(manifest_path, f"format is {manifest.get('format')!r}, expected "
+                    f"{MANIFEST_FORMAT!r} (is this a ptycho-export artifact folder?)")
+    version = manifest.get("format_version")
+    if version != MANIFEST_VERSION:
+        hint = ("written by a newer ptycho-export; upgrade this runtime"
+                if isinstance(version, int) and version > MANIFEST_VERSION else "unsupported")
+        raise _fail(manifest_path, f"format_version {version!r} ({hint}); this runtime reads "
+                    f"version {MANIFEST_VERSION}")
+    return manifest
+
+
+def _plain_name(manifest_path: Path, name: Any, what: str) -> str:
+    """Refuse names that would reach outside the artifact folder."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
+            or "\\" in name:
+        raise _fail(manifest_path, f"{what} {name!r} is not a plain file name")
+    return name
+
+
+def verify_file(folder: Path, name: str, files: dict[str, Any], manifest_path: Path) -> str:
+    """Check one file's size and sha256 against manifest "files"; return the sha256."""
+    path = folder / name
+    entry = files.get(name)
+    if not isinstance(entry, dict) or "sha256" not in entry:
+        raise _fail(manifest_path, f"does not list {name} under \"files\" (cannot verify it)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing (listed in {MANIFEST_NAME})")
+    size = path.stat().st_size
+    if "size" in entry and entry["size"] != size:
+        raise ArtifactError(f"{path} is {size} bytes but {MANIFEST_NAME} lists {entry['size']} "
+                            "(truncated or edited after export?)")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST_NAME} "
+                            "(edited after export?)")
+    return digest
+
+
+def _int(manifest_path: Path, value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(manifest_path, f"{what} is {value!r}, expected a positive integer")
+    return value
+
+
+def load_artifact(path: str | os.PathLike[str], check_golden: bool = False) -> ArtifactSpec:
+    """Read and verify an artifact folder (or its model file / manifest.json).
+
+    The ONNX model's size and sha256 are always checked; golden.npz only when
+    ``check_golden`` (the self-check reads it). Any problem is an ArtifactError whose one
+    line names the file.
+    """
+    folder, given_name = _resolve(Path(path))
+    manifest_path = folder / MANIFEST_NAME
+    manifest = _read_manifest(manifest_path)
+
+    onnx = (manifest.get("artifacts") or {}).get("onnx")
+    if not isinstance(onnx, dict):
+        formats = ", ".join(sorted(manifest.get("artifacts") or {})) or "none"
+        raise _fail(manifest_path, f"lists no ONNX model (formats: {formats}); the torch-free "
+                    "runtime needs one: re-export with --format onnx")
+    model_name = _plain_name(manifest_path, onnx.get("file", DEFAULT_MODEL_FILE), "model file")
+    if given_name is not None and given_name != model_name:
+        raise ArtifactError(f"{folder / given_name}: not the ONNX model of this artifact "
+                            f"({MANIFEST_NAME} names {model_name})")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise _fail(manifest_path, "has no \"files\" table of sha256 hashes")
+    model_sha = verify_file(folder, model_name, files, manifest_path)
+
+    model = manifest.get("model") or {}
+    patch_size = _int(manifest_path, model.get("patch_size"), "model.patch_size")
+    gridsize = _int(manifest_path, model.get("gridsize"), "model.gridsize")
+    inputs = manifest.get("inputs") or []
+    if not inputs or not isinstance(inputs[0], dict):
+        raise _fail(manifest_path, "has no \"inputs\" entry")
+    input_name = inputs[0].get("name")
+    shape = inputs[0].get("shape")
+    if not isinstance(input_name, str) or not isinstance(shape, list) or len(shape) != 4:
+        raise _fail(manifest_path, f"input {input_name!r} has shape {shape!r}; expected "
+                    "[batch, C, N, N]")
+    channels = _int(manifest_path, shape[1], "input channel count")
+    if channels != gridsize * gridsize:
+        raise _fail(manifest_path, f"input has {channels} channels but gridsize {gridsize} "
+                    f"means {gridsize * gridsize}")
+    if shape[2] != patch_size or shape[3] != patch_size:
+        raise _fail(manifest_path, f"input shape {shape} disagrees with patch_size {patch_size}")
+    batch = None if isinstance(shape[0], str) else _int(manifest_path, shape[0], "batch size")
+    outputs = manifest.get("outputs") or []
+    output_names = tuple(o.get("name") for o in outputs if isinstance(o, dict))
+    if not output_names or not all(isinstance(n, str) for n in output_names):
+        raise _fail(manifest_path, "has no named \"outputs\"")
+    if "amplitude" not in output_names or "phase" not in output_names:
+        raise _fail(manifest_path, f"outputs {list(output_names)} lack amplitude and phase")
+
+    precision = str(manifest.get("precision", "fp32"))
+    tolerances = dict(DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"]))
+    raw_tol = manifest.get("tolerances") or {}
+    if not isinstance(raw_tol, dict):
+        raise _fail(manifest_path, "\"tolerances\" is not a table")
+    tolerances.update({str(k): float(v) for k, v in raw_tol.items()})
+
+    golden = manifest.get("golden") or {}
+    golden_path = None
+    if isinstance(golden, dict) and golden.get("file"):
+        golden_path = folder / _plain_name(manifest_path, golden["file"], "golden file")
+    if check_golden:
+        if golden_path is None:
+            raise _fail(manifest_path, "lists no golden file; the self-check needs golden.npz")
+        verify_file(folder, golden_path.name, files, manifest_path)
+
+    return ArtifactSpec(
+        folder=folder, manifest_path=manifest_path, model_path=folder / model_name,
+        model_sha256=model_sha, patch_size=patch_size, gridsize=gridsize, channels=channels,
+        input_name=input_name, input_shape=tuple(shape), output_names=output_names,
+        batch=batch, tolerances=tolerances, golden_path=golden_path,
+        golden_input=str(golden.get("input", input_name)) if isinstance(golden, dict)
+        else input_name,
+        golden_outputs=tuple(golden.get("outputs", output_names)) if isinstance(golden, dict)
+        else output_names,
+        precision=precision, manifest=manifest)

@@ -1,0 +1,305 @@
+"""onnxruntime sessions that run where the user asked, or say why they cannot (no torch).
+
+onnxruntime's defaults are dangerous for a beamline: asking for CUDA on the CPU wheel, or
+with CUDA libraries missing, only warns and quietly runs on the CPU, hundreds of times
+slower. Here every such case is an EnvironmentProblem with the fix in one line, the
+provider that actually runs is checked after the session is built, and a short profiling
+run reports how many graph nodes landed on each provider (partial CPU fallback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ArtifactError, EnvironmentProblem
+
+__all__ = [
+    "AUTO_ORDER",
+    "PROVIDER_EPS",
+    "SessionInfo",
+    "available_providers",
+    "check_single_distribution",
+    "create_session",
+    "import_onnxruntime",
+    "measure_node_placement",
+    "parse_profile",
+    "provider_node_counts",
+]
+
+PROVIDER_EPS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+PROVIDER_CHOICES = (*PROVIDER_EPS, "auto")
+AUTO_ORDER = ("tensorrt", "cuda", "cpu")
+# Every wheel below installs the same `onnxruntime` import package; the last one wins.
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml",
+                     "onnxruntime-openvino", "onnxruntime-qnn")
+REINSTALL = ("pip uninstall -y onnxruntime onnxruntime-gpu, then install one: "
+             "pip install 'ptycho-export[cpu]' or 'ptycho-export[gpu]'")
+# CUDA runs float convs/matmuls in TF32 by default (~1e-3 relative): too coarse for the
+# self-check's fp32 tolerances, and a silent accuracy change nobody asked for.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+@dataclass
+class SessionInfo:
+    """Which provider a session really uses, and how it got there."""
+
+    requested: str  # cpu | cuda | tensorrt | auto
+    provider: str  # short name actually used
+    ep: str  # onnxruntime provider name actually used
+    providers: list[str]  # session.get_providers()
+    available: list[str]  # ort.get_available_providers()
+    threads: int | None
+    onnxruntime_version: str
+    skipped: dict[str, str] = field(default_factory=dict)  # auto: provider -> why not used
+    profile_dir: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "provider": self.provider, "ep": self.ep,
+                "session_providers": self.providers, "available_providers": self.available,
+                "threads": self.threads, "onnxruntime": self.onnxruntime_version,
+                "skipped": self.skipped}
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def installed_ort_distributions() -> dict[str, str]:
+    """Installed onnxruntime wheels, name -> version (usually exactly one)."""
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def check_single_distribution(found: dict[str, str] | None = None) -> None:
+    """Two ORT wheels overwrite each other's files: refuse to guess which one won."""
+    found = installed_ort_distributions() if found is None else found
+    if len(found) > 1:
+        listed = " and ".join(f"{name} {version}" for name, version in found.items())
+        raise EnvironmentProblem(f"both {listed} are installed; they share one 'onnxruntime' "
+                                 f"package and overwrite each other (CUDA is lost silently). "
+                                 f"Fix: {REINSTALL}")
+
+
+def import_onnxruntime() -> ModuleType:
+    """Import onnxruntime after the packaging check, with an install hint if it is absent."""
+    check_single_distribution()
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise EnvironmentProblem(
+            f"onnxruntime is not importable ({_one_line(str(err))}); install the runtime with "
+            "pip install 'ptycho-export[cpu]' (or [gpu] for CUDA)") from err
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return list(import_onnxruntime().get_available_providers())
+
+
+def _missing_provider(requested: str, ort: ModuleType, available: list[str]) -> str:
+    dists = installed_ort_distributions()
+    have = ", ".join(f"{n} {v}" for n, v in dists.items()) or f"onnxruntime {ort.__version__}"
+    if requested == "cuda":
+        if "onnxruntime-gpu" not in dists:
+            return (f"--provider cuda: the installed {have} is the CPU build (providers: "
+                    f"{', '.join(available)}); pip uninstall -y onnxruntime, then "
+                    "pip install 'ptycho-export[gpu]'")
+        return (f"--provider cuda: {have} reports no CUDAExecutionProvider (providers: "
+                f"{', '.join(available)}); reinstall it: {REINSTALL}")
+    return (f"--provider {requested}: {PROVIDER_EPS[requested]} is not in this onnxruntime "
+            f"({have}; providers: {', '.join(available)}); TensorRT needs onnxruntime-gpu "
+            "built with TensorRT plus the TensorRT libraries")
+
+
+def _provider_list(name: str, available: list[str]) -> list[Any]:
+    """What to pass as `providers=`: the wanted EP first, CPU last for unsupported nodes."""
+    if name == "cpu":
+        return ["CPUExecutionProvider"]
+    if name == "cuda":
+        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
+    chain: list[Any] = ["TensorrtExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        chain.append(("CUDAExecutionProvider", dict(CUDA_OPTIONS)))
+    return [*chain, "CPUExecutionProvider"]
+
+
+def _preload_cuda(ort: ModuleType) -> None:
+    """Let pip-installed CUDA/cuDNN wheels be found (ORT >= 1.21); harmless when absent."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(Exception):
+        preload(directory="")
+
+
+def _session_options(ort: ModuleType, threads: int | None, profile_dir: Path | None,
+                     log_level: int) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        if threads < 1:
+            raise EnvironmentProblem(f"--threads must be >= 1, got {threads}")
+        options.intra_op_num_threads = int(threads)
+    # A session that fails to build with profiling on logs a misleading "could not write a
+    # profile" error; the failure itself is reported by us, so keep that one quiet.
+    options.log_severity_level = 4 if profile_dir is not None and log_level >= 3 else log_level
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_dir / "ort_profile")
+    return options
+
+
+def _build(ort: ModuleType, model_path: Path, name: str, available: list[str],
+           threads: int | None, profile: bool, log_level: int) -> tuple[Any, Path | None]:
+    """One attempt on one provider; any failure or fallback is an EnvironmentProblem."""
+    ep = PROVIDER_EPS[name]
+    if ep not in available:
+        raise EnvironmentProblem(_missing_provider(name, ort, available))
+    if name != "cpu":
+        _preload_cuda(ort)
+    profile_dir = Path(tempfile.mkdtemp(prefix="ptycho-ort-profile-")) if profile else None
+    try:
+        options = _session_options(ort, threads, profile_dir, log_level)
+        try:
+            # enable_fallback=0: a provider that fails to initialise raises here with the
+            # reason, instead of onnxruntime printing it and retrying on the CPU.
+            session = ort.InferenceSession(str(model_path), sess_options=options,
+                                           providers=_provider_list(name, available),
+                                           enable_fallback=0)
+        except Exception as err:  # onnxruntime's pybind errors do not share a base class
+            reason = _one_line(str(err))
+            if name != "cpu":
+                raise EnvironmentProblem(
+                    f"--provider {name}: onnxruntime could not start {ep}: {reason} (check "
+                    "that the CUDA/cuDNN majors match this onnxruntime-gpu build)") from err
+            if "opset" in reason.lower() or "ir version" in reason.lower():
+                raise EnvironmentProblem(
+                    f"onnxruntime {ort.__version__} cannot load {model_path}: {reason}; "
+                    "upgrade onnxruntime") from err
+            raise ArtifactError(f"{model_path}: onnxruntime cannot load it: {reason}") from err
+        actual = session.get_providers()
+        if not actual or actual[0] != ep:
+            raise EnvironmentProblem(
+                f"--provider {name}: onnxruntime fell back to {actual[0] if actual else 'none'} "
+                f"instead of {ep} (its provider library failed to load, usually missing or "
+                "mismatched CUDA/cuDNN/TensorRT libraries; run with ORT logging to see which)")
+    except BaseException:
+        if profile_dir is not None:
+            shutil.rmtree(profile_dir, ignore_errors=True)
+        raise
+    return session, profile_dir
+
+
+def create_session(model_path: str | os.PathLike[str], provider: str = "auto",
+                   threads: int | None = None, profile: bool = False,
+                   log_level: int = 3) -> tuple[Any, SessionInfo]:
+    """An InferenceSession whose first provider is really the requested one.
+
+    ``auto`` tries TensorRT, CUDA, then CPU among the available providers and records why
+    each skipped one was not used. ``profile`` turns on onnxruntime profiling for one
+    :func:`measure_node_placement` call (which ends it again).
+    """
+    if provider not in PROVIDER_CHOICES:
+        raise EnvironmentProblem(f"--provider {provider!r}: choose one of "
+                                 f"{', '.join(PROVIDER_CHOICES)}")
+    ort = import_onnxruntime()
+    available = list(ort.get_available_providers())
+    path = Path(model_path)
+    skipped: dict[str, str] = {}
+    candidates = ([p for p in AUTO_ORDER if PROVIDER_EPS[p] in available]
+                  if provider == "auto" else [provider])
+    for index, name in enumerate(candidates):
+        try:
+            session, profile_dir = _build(ort, path, name, available, threads, profile,
+                                          log_level)
+        except EnvironmentProblem as err:
+            if provider != "auto" or index == len(candidates) - 1:
+                raise
+            skipped[name] = str(err)
+            continue
+        info = SessionInfo(requested=provider, provider=name, ep=PROVIDER_EPS[name],
+                           providers=list(session.get_providers()), available=available,
+                           threads=threads, onnxruntime_version=str(ort.__version__),
+                           skipped=skipped, profile_dir=profile_dir)
+        return session, info
+    raise EnvironmentProblem(f"no usable onnxruntime provider among {available}")
+
+
+def parse_profile(events: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """provider -> op type -> node count, from an onnxruntime profiling trace.
+
+    Each executed node emits a "<node>_kernel_time" event (cat "Node") whose args name the
+    provider and op; a node is counted once however many runs the trace holds.
+    """
+    seen: dict[str, tuple[str, str]] = {}
+    for event in events:
+        if event.get("cat") != "Node" or not str(event.get("name", "")).endswith("_kernel_time"):
+            continue
+        args = event.get("args") or {}
+        seen[event["name"]] = (str(args.get("provider", "unknown")),
+                               str(args.get("op_name", "unknown")))
+    placement: dict[str, Counter[str]] = {}
+    for provider, op in seen.values():
+        placement.setdefault(provider, Counter())[op] += 1
+    return {p: dict(sorted(ops.items())) for p, ops in sorted(placement.items())}
+
+
+def measure_node_placement(session: Any, feed: dict[str, np.ndarray],
+                           info: SessionInfo | None = None) -> dict[str, dict[str, int]]:
+    """Run ``feed`` once on a profiling session, end profiling, parse and delete the trace."""
+    session.run(None, feed)
+    trace = session.end_profiling()
+    try:
+        if not trace:
+            return {}
+        with open(trace, encoding="utf-8") as handle:
+            events = json.load(handle)
+        return parse_profile(events if isinstance(events, list) else [])
+    finally:
+        if trace:
+            Path(trace).unlink(missing_ok=True)
+        if info is not None and info.profile_dir is not None:
+            shutil.rmtree(info.profile_dir, ignore_errors=True)
+            info.profile_dir = None
+
+
+def dummy_feed(session: Any, batch: int = 1) -> dict[str, np.ndarray]:
+    """Zeros shaped like each input, with any symbolic dimension set to ``batch``."""
+    feed = {}
+    for value in session.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in value.shape]
+        feed[value.name] = np.zeros(shape, dtype=np.float32)
+    return feed
+
+
+def provider_node_counts(model_path: str | os.PathLike[str], provider: str = "auto",
+                         threads: int | None = None) -> dict[str, int]:
+    """Nodes per provider after graph optimisation, e.g. {"CPUExecutionProvider": 31}.
+
+    A session on CUDA can still run some nodes on the CPU (ops with no CUDA kernel), each
+    with host<->device copies; this shows how many.
+    """
+    session, info = create_session(model_path, provider, threads, profile=True)
+    placement = measure_node_placement(session, dummy_feed(session), info)
+    return {p: sum(ops.values()) for p, ops in placement.items()}
