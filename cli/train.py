@@ -19,7 +19,7 @@ def train_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle zip to write.")] = Path(
         "bundle.zip"),
     epochs: Annotated[int, typer.Option(min=1)] = 30,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     preset: Annotated[str, typer.Option(help="Model size: default (~2.3M params), small, "
                                         "tiny.")] = "default",

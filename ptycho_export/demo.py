@@ -22,6 +22,7 @@ from ptycho_export.reconstruct import quality_report, reconstruct_eager
 from ptycho_export.train import TrainOptions, train
 from runtime.images import amplitude_rgb, phase_rgb, save_comparison_png, upscale_nearest
 from runtime.metrics import align_to_reference
+from runtime.run import run_scan
 from runtime.scan import save_scan
 from runtime.stitch import crop_to
 
@@ -46,6 +47,15 @@ class DemoSettings:
                                 probe_diameter_px=0.4 * n, defocus=0.1 * n, seed=self.seed)
 
 
+def object_parity(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray
+                  ) -> dict[str, float]:
+    """Stitched-object agreement of two runtimes on the same scan (no alignment: the two
+    must agree exactly up to float32 rounding, not merely up to a global factor)."""
+    diff = np.abs(candidate.astype(np.complex128) - reference)[mask]
+    scale = float(np.abs(reference[mask]).max())
+    return {"max_abs": float(diff.max()), "rel_max": float(diff.max()) / scale}
+
+
 def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
@@ -63,7 +73,7 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
     scan = simulate_scan(settings.simulation())
     save_scan(out / "scan.npz", scan)
     timings["simulate_s"] = time.perf_counter() - started
-    log(f"[1/4] simulated {scan.n_patterns} patterns of {scan.patch_size}x{scan.patch_size} "
+    log(f"[1/5] simulated {scan.n_patterns} patterns of {scan.patch_size}x{scan.patch_size} "
         f"-> {out / 'scan.npz'}")
 
     started = time.perf_counter()
@@ -72,7 +82,7 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
                            accelerator="cpu", devices=1, progress=progress)
     result = train(out / "scan.npz", out / "bundle.zip", out / "run", options, scan=scan)
     timings["train_s"] = time.perf_counter() - started
-    log(f"[2/4] trained {settings.epochs} epochs in {timings['train_s']:.0f} s "
+    log(f"[2/5] trained {settings.epochs} epochs in {timings['train_s']:.0f} s "
         f"-> {result.bundle_path}")
 
     started = time.perf_counter()
@@ -94,7 +104,7 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
     panels = [(title, upscale_nearest(rgb, 256)) for title, rgb in panels]
     save_comparison_png(out / "amplitude.png", panels[:2])
     save_comparison_png(out / "phase.png", panels[2:])
-    log(f"[3/4] stitched {stitched.obj.shape[0]}x{stitched.obj.shape[1]} object "
+    log(f"[3/5] stitched {stitched.obj.shape[0]}x{stitched.obj.shape[1]} object "
         f"-> {out / 'amplitude.png'}, {out / 'phase.png'}")
 
     started = time.perf_counter()
@@ -103,10 +113,22 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
                                            command="ptycho-demo"))
     timings["export_s"] = time.perf_counter() - started
     gated = [row for row in exported.rows if row.gated]
-    log(f"[4/4] exported ONNX + TorchScript with parity gate PASS ({len(gated)} checks) in "
+    log(f"[4/5] exported ONNX + TorchScript with parity gate PASS ({len(gated)} checks) in "
         f"{timings['export_s']:.0f} s -> {out / 'export'}")
 
+    started = time.perf_counter()
+    run_report = run_scan(out / "export", out / "scan.npz", out / "run_onnx", provider="auto",
+                          self_check=True, progress=progress)
+    timings["runtime_s"] = time.perf_counter() - started
+    with np.load(out / "run_onnx" / "object.npz", allow_pickle=False) as frozen:
+        stitched_parity = object_parity(stitched.obj, frozen["object"], recon.well_lit)
+    log(f"[5/5] ptycho-run on {run_report['provider']['provider']}: "
+        f"{run_report['patterns_per_s']:,.0f} patterns/s, self-check "
+        f"{run_report['self_check']['status']}; stitched object vs eager: max error "
+        f"{stitched_parity['rel_max']:.1e} of max -> {out / 'run_onnx'}")
+
     report = {"settings": asdict(settings), "timings": timings, "quality": quality,
+              "stitched_parity_onnx_vs_eager": stitched_parity,
               "bundle": str(result.bundle_path), "final_loss": result.history[-1]
               if result.history else None}
     _write_json(out / "demo_report.json", report)

@@ -31,7 +31,7 @@ from runtime.scan import ScanData, load_scan
 @dataclass
 class TrainOptions:
     epochs: int = 30
-    batch_size: int = 32
+    batch_size: int = 16
     learning_rate: float = 1e-3
     preset: str = "default"
     gridsize: int = 1

@@ -53,12 +53,13 @@ def align_to_reference(
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant (correlation is undefined)."""
+    """Pearson correlation; 0 when either side is constant (no linear relation to measure,
+    and NaN would make the JSON reports invalid)."""
     a = a - a.mean()
     b = b - b.mean()
     denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
     if denom == 0.0:
-        return float("nan")
+        return 0.0
     return float(np.sum(a * b) / denom)
 
 
