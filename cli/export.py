@@ -25,7 +25,8 @@ def export_command(
                                               "CUDA graphs). Default: dynamic batch axis.")
                      ] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset (18-23).")] = 20,
-    precision: Annotated[str, typer.Option(help="fp32 (fp16/bf16 not available yet).")
+    precision: Annotated[str, typer.Option(help="fp32; fp16 (all formats) or bf16 "
+                                           "(torchscript, pt2), each with its own tolerance.")
                          ] = "fp32",
     with_physics: Annotated[bool, typer.Option(help="Also export physics.onnx: object patch "
                                                "-> predicted diffraction amplitude.")] = False,

@@ -333,7 +333,7 @@ def test_unknown_format_suggests_the_closest_name() -> None:
 
 
 @pytest.mark.parametrize(("options", "pattern"), [
-    (ExportOptions(precision="fp16"), "precision 'fp16'"),
+    (ExportOptions(precision="int8"), "precision 'int8'"),
     (ExportOptions(opset=17), "opset 17"),
     (ExportOptions(formats=["onxx"]), "unknown format"),
     (ExportOptions(batch=0), "batch"),

@@ -19,8 +19,11 @@ def _dims(value_info: Any) -> list[int | str]:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def audit_onnx(path: Path, inputs: dict[str, list], outputs: dict[str, list], opset: int
-               ) -> dict[str, Any]:
+ONNX_WEIGHT_TYPES = {"fp32": {ONNX_FLOAT}, "fp16": {ONNX_FLOAT, 10}, "bf16": {ONNX_FLOAT, 16}}
+
+
+def audit_onnx(path: Path, inputs: dict[str, list], outputs: dict[str, list], opset: int,
+               precision: str = "fp32") -> dict[str, Any]:
     """Full checker, read-back opset/IR, float32 I/O and weights, no double anywhere."""
     import onnx
 
@@ -48,7 +51,8 @@ def audit_onnx(path: Path, inputs: dict[str, list], outputs: dict[str, list], op
             if _dims(value) != shape:
                 problems.append(f"{kind} '{name}' has shape {_dims(value)}, expected {shape}")
     for tensor in model.graph.initializer:
-        if tensor.data_type != ONNX_FLOAT and tensor.data_type not in ONNX_INTEGER_TYPES:
+        weight_types = ONNX_WEIGHT_TYPES[precision]
+        if tensor.data_type not in weight_types and tensor.data_type not in ONNX_INTEGER_TYPES:
             problems.append(f"initializer '{tensor.name}' has ONNX type {tensor.data_type}")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             problems.append(f"initializer '{tensor.name}' lives in an external data file")

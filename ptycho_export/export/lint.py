@@ -35,12 +35,13 @@ def check_eval_mode(module: nn.Module) -> list[str]:
     ][:3]
 
 
-def check_float32(module: nn.Module) -> list[str]:
+def check_float32(module: nn.Module, allowed: tuple[torch.dtype, ...] = (torch.float32,)
+                  ) -> list[str]:
     findings = []
     for kind, items in (("parameter", module.named_parameters()),
                         ("buffer", module.named_buffers())):
         for name, tensor in items:
-            if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            if tensor.is_floating_point() and tensor.dtype not in allowed:
                 findings.append(f"{kind} '{name}' is {tensor.dtype}: store it as float32 "
                                 "(model.float(), or register it with dtype=torch.float32)")
             elif tensor.is_complex():
@@ -103,8 +104,9 @@ def baked_devices(traced: torch.jit.ScriptModule) -> list[str]:
 
 
 def lint_module(module: nn.Module, example: tuple[torch.Tensor, ...],
-                dynamic_batch: bool = True) -> LintResult:
-    findings = check_eval_mode(module) + check_float32(module)
+                dynamic_batch: bool = True,
+                allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> LintResult:
+    findings = check_eval_mode(module) + check_float32(module, allowed_dtypes)
     if findings:
         raise ExportLintError("; ".join(findings))
     exported = export_program(module, example, dynamic_batch)

@@ -34,6 +34,7 @@ from ptycho_export.export.wrapper import (
     FftPhysicsWrapper,
     InferenceWrapper,
     MatmulPhysicsWrapper,
+    ReducedPrecisionWrapper,
 )
 from ptycho_export.parity import (
     OnnxRunner,
@@ -54,6 +55,7 @@ COMPLEX_LAYOUT = "object = amplitude * exp(1j * phase); two real float32 outputs
 ORIGIN_CONVENTION = ("positions are patch centres in object pixels; patch pixel (i, j) covers "
                      "object pixel (y - N/2 + i, x - N/2 + j)")
 FFT_IMPLS = ("matmul", "dft")
+REDUCED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -72,8 +74,12 @@ class ExportOptions:
         if unknown or not self.formats:
             raise UsageError(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
         if self.precision not in PRECISIONS:
-            raise UsageError(f"precision {self.precision!r} is not supported yet "
+            raise UsageError(f"precision {self.precision!r} is not supported "
                              f"(available: {', '.join(PRECISIONS)})")
+        if self.precision == "bf16" and "onnx" in self.formats:
+            raise UsageError("bf16 ONNX is refused: onnxruntime's CPU provider has no bfloat16 "
+                             "Conv kernel, so the parity gate could not run it; use fp16 for "
+                             "ONNX, or bf16 with --format torchscript/pt2")
         if self.fft_impl not in FFT_IMPLS:
             raise UsageError(f"fft implementation {self.fft_impl!r}: choose from {FFT_IMPLS}")
         if self.batch is not None and self.batch < 1:
@@ -229,11 +235,19 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
     tolerances = DEFAULT_TOLERANCES[options.precision] | options.tolerances
     golden = np.asarray(bundle.golden["amplitudes"], dtype=np.float32)
 
-    wrapper = InferenceWrapper(net).eval()
+    wrapper = InferenceWrapper(net).eval()  # the fp32 reference in every case
+    frozen = wrapper
+    allowed = (torch.float32,)
+    if options.precision != "fp32":
+        import copy
+
+        dtype = REDUCED_DTYPES[options.precision]
+        frozen = ReducedPrecisionWrapper(copy.deepcopy(net), dtype).eval()
+        allowed = (torch.float32, dtype)
     example_np = _example_batch(golden, options.batch)
     example = (torch.from_numpy(example_np),)
     log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
-    linted = lint_module(wrapper, example, dynamic)
+    linted = lint_module(frozen, example, dynamic, allowed)
 
     bundle_sha = sha256_file(bundle_path)
     metadata = {
@@ -259,7 +273,8 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
                 save_onnx(linted.exported, example, path, options.opset, [INPUT_NAME],
                           list(OUTPUT_NAMES), metadata)
                 facts = audit_onnx(path, {INPUT_NAME: shape},
-                                   {o: shape for o in OUTPUT_NAMES}, options.opset)
+                                   {o: shape for o in OUTPUT_NAMES}, options.opset,
+                                   options.precision)
                 candidates.append(OnnxRunner("onnxruntime cpu", path))
             elif name == "torchscript":
                 with warnings.catch_warnings():

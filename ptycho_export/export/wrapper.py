@@ -29,6 +29,25 @@ class InferenceWrapper(nn.Module):
         return self.net(diffraction)
 
 
+class ReducedPrecisionWrapper(nn.Module):
+    """Same contract as InferenceWrapper (float32 in, float32 out) with a fp16/bf16 generator.
+
+    The input is scaled in float32 first, so raw detector amplitudes never meet the
+    narrower range; only the network's arithmetic is reduced.
+    """
+
+    def __init__(self, net: PtychoNet, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.generator = net.generator.to(dtype)
+        self.register_buffer("amplitude_scale", net.amplitude_scale.detach().clone().float())
+        self.dtype = dtype
+
+    def forward(self, diffraction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scaled = (diffraction * self.amplitude_scale).to(self.dtype)
+        amplitude, phase = self.generator(scaled)
+        return amplitude.float(), phase.float()
+
+
 class MatmulPhysicsWrapper(nn.Module):
     """Object (amplitude, phase) -> predicted measured amplitudes, DFT as MatMul.
 
