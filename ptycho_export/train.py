@@ -72,7 +72,10 @@ class LossHistory(Callback):
         self.rows.append(row)
 
 
-def save_loss_curve(path: Path, rows: list[dict[str, float]]) -> None:
+LOSS_LABELS = {"poisson": "Poisson NLL (0 = perfect fit)", "mae": "amplitude MAE"}
+
+
+def save_loss_curve(path: Path, rows: list[dict[str, float]], loss: str = "poisson") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +88,7 @@ def save_loss_curve(path: Path, rows: list[dict[str, float]]) -> None:
             epochs, values = zip(*points, strict=True)
             ax.plot(np.asarray(epochs) + 1, values, marker="o", ms=3, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss (Poisson NLL, 0 = perfect fit)")
+    ax.set_ylabel(f"loss: {LOSS_LABELS.get(loss, loss)}")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -168,7 +171,7 @@ def train(
                   "n_patterns": scan.n_patterns, "patch_size": scan.patch_size},
         )
         if history.rows:
-            save_loss_curve(run / "loss_curve.png", history.rows)
+            save_loss_curve(run / "loss_curve.png", history.rows, options.loss)
         predictor = load_predictor(read_bundle(bundle_path), "cpu")
         quality = quality_report(reconstruct_eager(predictor, scan), scan)
         _write_json(run / "quality.json", quality)
