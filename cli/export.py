@@ -18,7 +18,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 def export_command(
     bundle: Annotated[Path, typer.Argument(help="Bundle zip written by ptycho-train.")],
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript, pt2, a "
-                                        "comma list, or all.")] = "onnx",
+                                        "comma list, all, or triton (a Triton model "
+                                        "repository around the ONNX export).")] = "onnx",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Output folder. "
                                                 "Default: artifacts/<bundle name>/")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="Fix the batch size (TensorRT, "
@@ -37,6 +38,10 @@ def export_command(
                                                         "relative to max|ref|.")] = None,
     phase_tol: Annotated[float | None, typer.Option(help="Override: amplitude-weighted "
                                                     "wrapped phase error (rad).")] = None,
+    triton_name: Annotated[str, typer.Option(help="Model name inside the Triton repository.")
+                           ] = "ptycho",
+    triton_instance: Annotated[str, typer.Option(help="Triton instance kind: gpu or cpu.")
+                               ] = "gpu",
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
 ) -> None:
     """Freeze the bundle's model (eval, float32), audit the files, and gate on parity
@@ -53,11 +58,26 @@ def export_command(
             tolerances["amplitude_rel_max"] = amplitude_tol
         if phase_tol is not None:
             tolerances["phase_weighted_max_rad"] = phase_tol
-        options = ExportOptions(formats=parse_formats(format), batch=batch, opset=opset,
+        triton = format == "triton"
+        options = ExportOptions(formats=["onnx"] if triton else parse_formats(format),
+                                batch=batch, opset=opset,
                                 precision=precision, with_physics=with_physics,
                                 fft_impl=fft_impl, tolerances=tolerances,
                                 command=shlex.join(["ptycho-export", *sys.argv[1:]]))
-        outdir = output or Path("artifacts") / bundle.stem
+        outdir = output or Path("artifacts") / (("triton_" if triton else "") + bundle.stem)
+        if triton:
+            import tempfile
+
+            from ptycho_export.export.triton import write_triton_repository
+
+            with tempfile.TemporaryDirectory(dir=outdir.parent if outdir.parent.exists()
+                                             else None) as tmp:
+                result = export_bundle(bundle, Path(tmp) / "export", options, log=typer.echo)
+                model_dir = write_triton_repository(result.outdir, outdir, triton_name,
+                                                    instance_kind=triton_instance)
+            typer.echo(f"Triton repository: {model_dir}/config.pbtxt and {model_dir}/1/; "
+                       f"serve with: tritonserver --model-repository={outdir}")
+            return
         result = export_bundle(bundle, outdir, options, log=typer.echo)
         gated = [r for r in result.rows if r.gated]
         worst_amp = max(r.stats["amplitude"].rel_max for r in gated if "amplitude" in r.stats)

@@ -75,6 +75,27 @@ class LossHistory(Callback):
 LOSS_LABELS = {"poisson": "Poisson NLL (0 = perfect fit)", "mae": "amplitude MAE"}
 
 
+def history_from_csv(log_dir: str | os.PathLike | None) -> list[dict[str, float]]:
+    """Per-epoch losses from the CSVLogger file: the record that survives process-spawning
+    strategies (ddp_spawn), where callbacks ran in the worker processes."""
+    import csv
+
+    path = Path(log_dir or "") / "metrics.csv"
+    if not path.is_file():
+        return []
+    merged: dict[int, dict[str, float]] = {}
+    with path.open() as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("epoch"):
+                continue
+            entry = merged.setdefault(int(float(row["epoch"])), {})
+            for key in ("train_loss", "val_loss"):
+                if row.get(key):
+                    entry[key] = float(row[key])
+    return [{"epoch": float(epoch), **values} for epoch, values in sorted(merged.items())
+            if values]
+
+
 def save_loss_curve(path: Path, rows: list[dict[str, float]], loss: str = "poisson") -> None:
     import matplotlib
 
@@ -138,6 +159,8 @@ def train(
     module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
                           options.loss, datamodule.max_offset_px)
     history = LossHistory()
+    logger = CSVLogger(run, name="logs")
+    _ = logger.version  # fix the version folder now, so spawned workers log where we read
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
     trainer = L.Trainer(
         max_epochs=options.epochs,
@@ -146,7 +169,7 @@ def train(
         strategy=options.strategy,
         num_nodes=options.num_nodes,
         default_root_dir=run,
-        logger=CSVLogger(run, name="logs"),
+        logger=logger,
         callbacks=[history, checkpoints],
         enable_progress_bar=options.progress,
         enable_model_summary=False,
@@ -160,6 +183,8 @@ def train(
 
     quality: dict[str, Any] = {}
     if trainer.is_global_zero:
+        if not history.rows:
+            history.rows = history_from_csv(logger.log_dir)
         golden = golden_samples(module, datamodule, options.golden_count)
         write_bundle(
             bundle_path, config=config, normalization=normalization,
