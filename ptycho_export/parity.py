@@ -161,3 +161,32 @@ def parity_table(rows: list[ParityRow]) -> str:
                          f"{s.max_abs:.2e} | {s.rel_max:.2e} | {s.p99_abs:.2e} | {weighted} | "
                          f"{s.nan_count}/{s.inf_count} | {status} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- runners on other devices
+def pt2_runner_on(path: Path, input_names, output_names, device: str = "cpu"  # noqa: ANN001
+                  ) -> TorchRunner:
+    """A .pt2 program on `device`: `torch.export.passes.move_to_device_pass` rewrites the
+    program's device constants too, which a plain `.to(device)` of its module would miss."""
+    program = torch.export.load(str(path))
+    if torch.device(device).type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return TorchRunner(f"pt2 {device}", program.module(), tuple(input_names),
+                       tuple(output_names), device)
+
+
+@dataclass
+class SessionRunner:
+    """An already built onnxruntime session (e.g. from `runtime.session.create_session`,
+    which checks that the requested provider really runs and keeps CUDA TF32 off)."""
+
+    name: str
+    session: object = field(repr=False)
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
+                 for i in self.session.get_inputs()}
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
