@@ -36,8 +36,16 @@ def run_command(
     provider: Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (best available; "
                                           "the report says which ran).")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
-        min=1, help="Patterns per inference call (dynamic-batch artifacts; default 256).")
+        min=1, help="Patterns per inference call (dynamic-batch artifacts). Default: the "
+        "largest power of two <= 1024 that fits the free memory (report.json says why).")
                           ] = None,
+    subpixel: Annotated[str | None, typer.Option(
+        help="Sub-pixel patch placement when stitching: none (round to whole pixels), "
+        "fourier (FFT shift, 2 px border trimmed) or bilinear. Default: fourier when any "
+        "scan position is fractional, else none.")] = None,
+    device_id: Annotated[int, typer.Option(
+        min=0, help="GPU for --provider cuda/tensorrt (numbered as in "
+        "CUDA_VISIBLE_DEVICES).")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads per inference "
                                                 "(default: onnxruntime's choice).")] = None,
     self_check: Annotated[bool, typer.Option(help="Run golden.npz through the session first "
@@ -52,7 +60,7 @@ def run_command(
         from runtime.run import run_scan, self_check_artifact
 
         if data is None:
-            result = self_check_artifact(artifact, provider, threads)
+            result = self_check_artifact(artifact, provider, threads, device_id)
             info = result["provider"]
             typer.echo(f"artifact: {result['artifact']['folder']} (sha256 verified)")
             typer.echo(f"provider: {info['provider']} ({info['ep']})")
@@ -64,7 +72,8 @@ def run_command(
         outdir = output or data.with_name(f"{data.stem}_recon")
         report = run_scan(artifact, data, outdir, provider=provider, batch_size=batch_size,
                           threads=threads, self_check=self_check, progress=progress,
-                          log_level=2 if verbose else 3)
+                          log_level=2 if verbose else 3, subpixel=subpixel,
+                          device_id=device_id)
         info = report["provider"]
         counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
         typer.echo(f"provider: {info['provider']} ({info['ep']}; nodes {counts})")
@@ -73,7 +82,11 @@ def run_command(
         for warning in report["warnings"]:
             typer.echo(f"warning: {warning}")
         typer.echo(f"{report['patterns']} patterns in {report['seconds']['inference']:.2f} s: "
-                   f"{report['patterns_per_s']:,.0f} patterns/s (batch {report['batch_size']})")
+                   f"{report['patterns_per_s']:,.0f} patterns/s (batch {report['batch_size']}: "
+                   f"{report['batch_choice']['reason']})")
+        stitch = report["stitch"]
+        typer.echo(f"stitched in {report['seconds']['stitch']:.2f} s: subpixel "
+                   f"{stitch['subpixel']} ({stitch['subpixel_reason']}), crop {stitch['crop']}")
         if self_check:
             _echo_self_check(report["self_check"])
         files = ", ".join(report["files"])

@@ -3,6 +3,13 @@
 artifact (verified) + scan (validated) -> batched inference -> probe-weighted stitch ->
 object.npz, amplitude.png, phase.png, report.json, written to a temp folder and renamed,
 so an interrupted or failed run never leaves a half-written output folder behind.
+
+Memory stays bounded for large scans: the diffraction stack is memory-mapped when the
+.npz stores it uncompressed (runtime.scan_stream), and each batch's patches are added to
+the stitch canvas as they come (runtime.stitch.StitchAccumulator), so neither all M
+patterns nor all M patches are ever held at once. On CUDA the batches go through IO
+binding; the batch size of a dynamic-batch artifact is chosen from free memory unless
+given.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,43 @@ from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError
 from runtime.grouping import group_neighbours
 from runtime.images import amplitude_rgb, phase_rgb, save_png, upscale_nearest
 from runtime.manifest import ArtifactSpec, load_artifact
-from runtime.scan import ScanData, load_scan
-from runtime.session import SessionInfo, create_session, measure_node_placement
-from runtime.stitch import StitchedObject, stitch_patches, to_complex
+from runtime.scan import ScanData
+from runtime.scan_stream import open_scan
+from runtime.session import (
+    IOBindingRunner,
+    SessionInfo,
+    create_session,
+    cuda_free_bytes,
+    import_onnxruntime,
+    measure_node_placement,
+)
+from runtime.stitch import (
+    SUBPIXEL_METHODS,
+    StitchAccumulator,
+    StitchedObject,
+    has_fractional_positions,
+    to_complex,
+)
 
-__all__ = ["DEFAULT_BATCH", "RunUsageError", "run_scan", "run_self_check",
-           "self_check_artifact"]
+__all__ = ["DEFAULT_BATCH", "RunUsageError", "auto_batch", "bytes_per_pattern", "choose_batch",
+           "make_runner", "run_scan", "run_self_check", "self_check_artifact"]
 
+# Batch size when it is neither given, fixed by the artifact, nor derivable from memory.
 DEFAULT_BATCH = 256
+MAX_AUTO_BATCH = 1024
+# Automatic batch: a quarter of the CPU's MemAvailable (the rest is the OS, the page cache
+# that holds a memory-mapped scan, the stitch canvas), or all free GPU memory but 2 GiB
+# (CUDA context, cuDNN workspaces, onnxruntime's arena growth).
+CPU_MEMORY_FRACTION = 0.25
+GPU_HEADROOM_BYTES = 2 << 30
+# Activation estimate: this many float32 feature maps per encoder stage, each of the
+# stage's width at its resolution (N / 2**stage)^2 (two encoder convs and, in each of the
+# two decoders, the upsampled map and two convs at the mirrored stage). For PtychoPINN's
+# default widths at N = 64 that is 14.7 MB/pattern, above the 11.5 MB that every
+# activation of the graph takes at once: an upper bound, as onnxruntime's memory planner
+# reuses buffers. Manifests without model widths get PtychoPINN's default.
+ACTIVATION_MAPS = 8
+DEFAULT_WIDTHS = (64, 128, 256)
 # Same definition as the eager path (ptycho_export.reconstruct): pixels lit by less than
 # this fraction of the best-lit pixel's summed probe intensity are poorly determined.
 WELL_LIT_FRACTION = 0.1
@@ -47,12 +84,13 @@ class RunUsageError(PtychoError):
 # --------------------------------------------------------------------------- batching
 
 
-def resolve_batch(spec: ArtifactSpec, batch_size: int | None) -> int:
-    """Batch size to feed: a fixed-batch artifact only takes its own size."""
+def resolve_batch(spec: ArtifactSpec, batch_size: int | None) -> int | None:
+    """Batch size to feed: a fixed-batch artifact only takes its own size; None means
+    "dynamic artifact, none given": :func:`auto_batch` chooses once the provider is known."""
     if batch_size is not None and batch_size < 1:
         raise RunUsageError(f"--batch-size must be >= 1, got {batch_size}")
     if spec.batch is None:
-        return batch_size or DEFAULT_BATCH
+        return batch_size
     if batch_size is not None and batch_size != spec.batch:
         raise RunUsageError(f"{spec.model_path} was exported with a fixed batch of {spec.batch}; "
                             f"--batch-size {batch_size} cannot be used (leave it out, or "
@@ -60,11 +98,105 @@ def resolve_batch(spec: ArtifactSpec, batch_size: int | None) -> int:
     return spec.batch
 
 
+def bytes_per_pattern(spec: ArtifactSpec) -> tuple[int, str]:
+    """Estimated inference memory per pattern (bytes) and how it was estimated: float32
+    input and outputs plus conv activations (see ACTIVATION_MAPS)."""
+    c, n = spec.channels, spec.patch_size
+    io_bytes = 4 * c * n * n * (1 + len(spec.output_names))
+    widths = (spec.manifest.get("model") or {}).get("widths")
+    known = isinstance(widths, list) and bool(widths) and all(
+        isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+    used = tuple(widths) if known else DEFAULT_WIDTHS
+    maps = sum(w * (n / 2**stage) ** 2 for stage, w in enumerate(used))
+    total = io_bytes + int(4 * ACTIVATION_MAPS * maps)
+    how = (f"input + {len(spec.output_names)} outputs + {ACTIVATION_MAPS} float32 maps per "
+           f"encoder stage, widths {list(used)}"
+           + ("" if known else " (manifest lists no model widths: PtychoPINN default)"))
+    return total, how
+
+
+def choose_batch(per_pattern: int, budget: int | None) -> int:
+    """Largest power of two <= MAX_AUTO_BATCH whose estimate fits ``budget`` bytes (at
+    least 1); DEFAULT_BATCH when the budget is unknown (None)."""
+    if budget is None:
+        return DEFAULT_BATCH
+    batch = MAX_AUTO_BATCH
+    while batch > 1 and batch * per_pattern > budget:
+        batch //= 2
+    return batch
+
+
+def mem_available_bytes(meminfo: str | os.PathLike[str] = "/proc/meminfo") -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
+    try:
+        with open(meminfo, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    value, *unit = line.split()[1:]
+                    return int(value) * (1024 if unit[:1] == ["kB"] else 1)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GiB"
+
+
+def auto_batch(spec: ArtifactSpec, info: SessionInfo,
+               meminfo: str | os.PathLike[str] = "/proc/meminfo",
+               gpu_free: Callable[[int], int | None] = cuda_free_bytes
+               ) -> tuple[int, dict[str, Any]]:
+    """Batch for a dynamic artifact when none was given, with the reason for the report."""
+    per, how = bytes_per_pattern(spec)
+    if info.on_device:
+        free = gpu_free(info.device_id)
+        what = f"free memory of GPU {info.device_id} (nvidia-smi)"
+        budget = None if free is None else max(free - GPU_HEADROOM_BYTES, 0)
+        share = f"{what} {_gib(free or 0)} less {_gib(GPU_HEADROOM_BYTES)} headroom"
+    else:
+        free = mem_available_bytes(meminfo)
+        what = "MemAvailable (/proc/meminfo)"
+        budget = None if free is None else int(free * CPU_MEMORY_FRACTION)
+        share = f"{CPU_MEMORY_FRACTION:.0%} of {what} {_gib(free or 0)}"
+    batch = choose_batch(per, budget)
+    if budget is None:
+        reason = f"{what} unknown: default batch {DEFAULT_BATCH}"
+    else:
+        reason = (f"largest power of two <= {MAX_AUTO_BATCH} at an estimated "
+                  f"{per / 1e6:.2f} MB/pattern within {_gib(budget)} = {share}")
+    return batch, {"source": "memory" if budget is not None else "default", "reason": reason,
+                   "bytes_per_pattern": per, "estimate": how, "budget_bytes": budget}
+
+
+def _output_shape(spec: ArtifactSpec, name: str, batch: int) -> tuple[int, ...]:
+    """An output's shape for ``batch`` patterns: the manifest's, else (B, C, N, N)."""
+    for entry in spec.manifest.get("outputs") or []:
+        if isinstance(entry, dict) and entry.get("name") == name:
+            shape = entry.get("shape")
+            if isinstance(shape, list) and len(shape) > 1 and all(
+                    isinstance(d, int) and d > 0 for d in shape[1:]):
+                return (batch, *shape[1:])
+    return (batch, spec.channels, spec.patch_size, spec.patch_size)
+
+
+def make_runner(session: Any, info: SessionInfo, spec: ArtifactSpec,
+                ort: Any = None) -> IOBindingRunner | None:
+    """IO binding for sessions on a CUDA device; None (plain session.run) on the CPU."""
+    if not info.on_device:
+        return None
+    return IOBindingRunner(session, ort if ort is not None else import_onnxruntime(),
+                           spec.input_name, spec.output_names, partial(_output_shape, spec),
+                           info.device_id)
+
+
 def iter_batches(session: Any, spec: ArtifactSpec, total: int,
-                 get: Callable[[int, int], np.ndarray], batch: int
+                 get: Callable[[int, int], np.ndarray], batch: int,
+                 runner: Callable[[np.ndarray], list[np.ndarray]] | None = None
                  ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield (start, stop, outputs) per batch; a short last batch of a fixed-batch model is
-    padded with zeros to the fixed size and the padding's outputs are dropped."""
+    padded with zeros to the fixed size and the padding's outputs are dropped. ``runner``
+    (IO binding, see :func:`make_runner`) replaces ``session.run`` when given."""
     names = list(spec.output_names)
     for start in range(0, total, batch):
         stop = min(start + batch, total)
@@ -73,14 +205,16 @@ def iter_batches(session: Any, spec: ArtifactSpec, total: int,
         if spec.batch is not None and real < spec.batch:
             pad = np.zeros((spec.batch - real, *x.shape[1:]), dtype=np.float32)
             x = np.concatenate([x, pad])
-        values = session.run(names, {spec.input_name: x})
+        values = runner(x) if runner is not None else session.run(names, {spec.input_name: x})
         yield start, stop, {n: np.asarray(v)[:real] for n, v in zip(names, values, strict=True)}
 
 
 # --------------------------------------------------------------------------- self-check
 
 
-def run_self_check(spec: ArtifactSpec, session: Any) -> dict[str, Any]:
+def run_self_check(spec: ArtifactSpec, session: Any,
+                   runner: Callable[[np.ndarray], list[np.ndarray]] | None = None
+                   ) -> dict[str, Any]:
     """Golden inputs through this session vs the exporter's eager outputs, per output.
 
     Catches what the hash cannot: a provider or onnxruntime build that computes this graph
@@ -101,7 +235,8 @@ def run_self_check(spec: ArtifactSpec, session: Any) -> dict[str, Any]:
                             f"(B, {', '.join(map(str, want))})")
     batch = spec.batch or len(x)
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in spec.output_names}
-    for _, _, values in iter_batches(session, spec, len(x), lambda a, b: x[a:b], batch):
+    for _, _, values in iter_batches(session, spec, len(x), lambda a, b: x[a:b], batch,
+                                     runner):
         for name, value in values.items():
             outputs[name].append(value)
     candidate = {name: np.concatenate(parts) for name, parts in outputs.items()}
@@ -119,12 +254,12 @@ def _raise_if_failed(result: dict[str, Any], spec: ArtifactSpec, info: SessionIn
 
 
 def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto",
-                        threads: int | None = None) -> dict[str, Any]:
+                        threads: int | None = None, device_id: int = 0) -> dict[str, Any]:
     """The self-check alone: verify hashes, run golden.npz, report PASS/FAIL (never raises
     for FAIL, so a caller can print the table first)."""
     spec = load_artifact(artifact, check_golden=True)
-    session, info = create_session(spec.model_path, provider, threads)
-    result = run_self_check(spec, session)
+    session, info = create_session(spec.model_path, provider, threads, device_id=device_id)
+    result = run_self_check(spec, session, make_runner(session, info, spec))
     return {"artifact": _artifact_facts(spec), "provider": info.to_dict(), "self_check": result}
 
 
@@ -209,30 +344,61 @@ def _write_outputs(folder: Path, stitched: StitchedObject, well_lit: np.ndarray,
 # --------------------------------------------------------------------------- the run
 
 
+def _resolve_subpixel(subpixel: str | None, positions: np.ndarray) -> tuple[str, str]:
+    """(method, why): the option as given, else Fourier exactly when it changes anything."""
+    if subpixel is not None:
+        if subpixel not in SUBPIXEL_METHODS:
+            raise RunUsageError(f"--subpixel {subpixel!r}: choose one of "
+                                f"{', '.join(SUBPIXEL_METHODS)}")
+        return subpixel, "given"
+    if has_fractional_positions(positions):
+        return "fourier", "default: some scan positions are not whole pixels"
+    return "none", "default: every scan position is a whole pixel"
+
+
 def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str],
              outdir: str | os.PathLike[str], provider: str = "auto",
              batch_size: int | None = None, threads: int | None = None,
              self_check: bool = False, progress: bool = True,
-             log_level: int = 3) -> dict[str, Any]:
+             log_level: int = 3, subpixel: str | None = None,
+             device_id: int = 0) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
     touched: artifact hashes, scan contract, patch size, options, provider, self-check.
+    ``subpixel`` (none | fourier | bilinear, see runtime.stitch) defaults to "fourier" when
+    any scan position is fractional and "none" otherwise; ``batch_size`` of a
+    dynamic-batch artifact defaults to :func:`auto_batch`'s choice.
     """
     started = time.perf_counter()
     data_path, outdir = Path(data_path), Path(outdir)
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+        raise RunUsageError(f"--device-id must be an integer >= 0, got {device_id!r}")
     spec = load_artifact(artifact, check_golden=self_check)
-    scan = load_scan(data_path)
+    scan = open_scan(data_path)
     check_scan(scan, spec, data_path)
     batch = resolve_batch(spec, batch_size)
+    method, method_why = _resolve_subpixel(subpixel, scan.positions_px)
     check_outdir(outdir, spec, data_path)
     groups = group_neighbours(scan.positions_px, spec.gridsize)
     total = len(groups)
-    if spec.batch is None:
-        batch = min(batch, total)
+    # Channel 0 of each group is the pattern that anchors it: one patch per position.
+    anchor_positions = scan.positions_px[groups[:, 0]]
+    weights = np.abs(scan.probe).astype(np.float32) ** 2
+    accumulator = StitchAccumulator(anchor_positions, spec.patch_size, weights=weights,
+                                    subpixel=method)
 
     session, info = create_session(spec.model_path, provider, threads, profile=True,
-                                   log_level=log_level)
+                                   log_level=log_level, device_id=device_id)
+    if batch is not None:
+        batch_choice: dict[str, Any] = {
+            "source": "option" if spec.batch is None else "artifact",
+            "reason": ("--batch-size" if spec.batch is None
+                       else f"the artifact was exported with a fixed batch of {spec.batch}")}
+    else:
+        batch, batch_choice = auto_batch(spec, info)
+    if spec.batch is None:
+        batch = min(batch, total)
     warm = {spec.input_name: np.zeros((batch, spec.channels, spec.patch_size, spec.patch_size),
                                       dtype=np.float32)}
     placement = measure_node_placement(session, warm, info)  # also the warm-up run
@@ -243,37 +409,40 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         warnings.append("nodes not on " + info.ep + ": " + "; ".join(
             f"{p}: {', '.join(f'{op}x{k}' for op, k in ops.items())}"
             for p, ops in off_ep.items()))
+    runner = make_runner(session, info, spec)
 
     check = None
     if self_check:
-        check = run_self_check(spec, session)
+        check = run_self_check(spec, session, runner)
         _raise_if_failed(check, spec, info)
 
-    n = spec.patch_size
-    patches = np.empty((total, n, n), dtype=np.complex64)
+    add_s = 0.0
     t0 = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task(f"inference ({info.provider})", total=total, rate="")
         for start, stop, out in iter_batches(session, spec, total,
-                                             lambda a, b: scan.amplitudes[groups[a:b]], batch):
-            # Channel 0 of each group is the pattern that anchors it: one patch per position.
-            patches[start:stop] = to_complex(out["amplitude"][:, 0], out["phase"][:, 0])
+                                             lambda a, b: scan.amplitudes[groups[a:b]], batch,
+                                             runner):
+            t_add = time.perf_counter()
+            accumulator.add(to_complex(out["amplitude"][:, 0], out["phase"][:, 0]),
+                            anchor_positions[start:stop])
+            add_s += time.perf_counter() - t_add
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=stop,
                        rate=f"{stop / elapsed:,.0f} patterns/s" if elapsed > 0 else "")
-    infer_s = time.perf_counter() - t0
+    infer_s = time.perf_counter() - t0 - add_s
 
     t1 = time.perf_counter()
-    weights = np.abs(scan.probe).astype(np.float32) ** 2
-    stitched = stitch_patches(patches, scan.positions_px, weights=weights)
+    stitched = accumulator.result()
     well_lit = stitched.weight > WELL_LIT_FRACTION * float(stitched.weight.max())
-    stitch_s = time.perf_counter() - t1
+    stitch_s = time.perf_counter() - t1 + add_s
 
     report: dict[str, Any] = {
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "artifact": _artifact_facts(spec),
         "data": {"file": str(data_path), "name": data_path.name,
-                 "size": data_path.stat().st_size, "patterns": scan.n_patterns},
+                 "size": data_path.stat().st_size, "patterns": scan.n_patterns,
+                 "memory_mapped": isinstance(scan.amplitudes, np.memmap)},
         "provider": info.to_dict(),
         "node_counts": node_counts,
         "node_ops": placement,
@@ -281,7 +450,11 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "patterns": scan.n_patterns,
         "groups": total,
         "batch_size": batch,
+        "batch_choice": batch_choice,
         "batches": -(-total // batch),
+        "io_binding": runner is not None,
+        "stitch": {"subpixel": method, "subpixel_reason": method_why,
+                   "crop": accumulator.crop, "weights": "|probe|^2"},
         "seconds": {"inference": round(infer_s, 4), "stitch": round(stitch_s, 4)},
         "patterns_per_s": round(total / infer_s, 1) if infer_s > 0 else None,
         "object": {"shape": list(stitched.obj.shape), "origin_px": list(stitched.origin_px),

@@ -14,8 +14,10 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -28,11 +30,14 @@ from runtime.errors import ArtifactError, EnvironmentProblem
 
 __all__ = [
     "AUTO_ORDER",
+    "DEVICE_PROVIDERS",
     "PROVIDER_EPS",
+    "IOBindingRunner",
     "SessionInfo",
     "available_providers",
     "check_single_distribution",
     "create_session",
+    "cuda_free_bytes",
     "import_onnxruntime",
     "measure_node_placement",
     "parse_profile",
@@ -54,6 +59,8 @@ REINSTALL = ("pip uninstall -y onnxruntime onnxruntime-gpu, then install one: "
 # CUDA runs float convs/matmuls in TF32 by default (~1e-3 relative): too coarse for the
 # self-check's fp32 tolerances, and a silent accuracy change nobody asked for.
 CUDA_OPTIONS = {"use_tf32": "0"}
+# Providers whose tensors live in CUDA device memory (IO binding, GPU memory budget).
+DEVICE_PROVIDERS = ("cuda", "tensorrt")
 
 
 @dataclass
@@ -69,11 +76,18 @@ class SessionInfo:
     onnxruntime_version: str
     skipped: dict[str, str] = field(default_factory=dict)  # auto: provider -> why not used
     profile_dir: Path | None = None
+    device_id: int = 0  # CUDA device ordinal (cuda / tensorrt; ignored on the CPU)
+
+    @property
+    def on_device(self) -> bool:
+        """True when inputs and outputs can live in CUDA memory (IO binding applies)."""
+        return self.provider in DEVICE_PROVIDERS
 
     def to_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "provider": self.provider, "ep": self.ep,
                 "session_providers": self.providers, "available_providers": self.available,
                 "threads": self.threads, "onnxruntime": self.onnxruntime_version,
+                "device_id": self.device_id if self.on_device else None,
                 "skipped": self.skipped}
 
 
@@ -132,15 +146,16 @@ def _missing_provider(requested: str, ort: ModuleType, available: list[str]) -> 
             "built with TensorRT plus the TensorRT libraries")
 
 
-def _provider_list(name: str, available: list[str]) -> list[Any]:
+def _provider_list(name: str, available: list[str], device_id: int = 0) -> list[Any]:
     """What to pass as `providers=`: the wanted EP first, CPU last for unsupported nodes."""
     if name == "cpu":
         return ["CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {**CUDA_OPTIONS, "device_id": str(device_id)})
     if name == "cuda":
-        return [("CUDAExecutionProvider", dict(CUDA_OPTIONS)), "CPUExecutionProvider"]
-    chain: list[Any] = ["TensorrtExecutionProvider"]
+        return [cuda, "CPUExecutionProvider"]
+    chain: list[Any] = [("TensorrtExecutionProvider", {"device_id": str(device_id)})]
     if "CUDAExecutionProvider" in available:
-        chain.append(("CUDAExecutionProvider", dict(CUDA_OPTIONS)))
+        chain.append(cuda)
     return [*chain, "CPUExecutionProvider"]
 
 
@@ -171,7 +186,8 @@ def _session_options(ort: ModuleType, threads: int | None, profile_dir: Path | N
 
 
 def _build(ort: ModuleType, model_path: Path, name: str, available: list[str],
-           threads: int | None, profile: bool, log_level: int) -> tuple[Any, Path | None]:
+           threads: int | None, profile: bool, log_level: int,
+           device_id: int = 0) -> tuple[Any, Path | None]:
     """One attempt on one provider; any failure or fallback is an EnvironmentProblem."""
     ep = PROVIDER_EPS[name]
     if ep not in available:
@@ -185,7 +201,8 @@ def _build(ort: ModuleType, model_path: Path, name: str, available: list[str],
             # enable_fallback=0: a provider that fails to initialise raises here with the
             # reason, instead of onnxruntime printing it and retrying on the CPU.
             session = ort.InferenceSession(str(model_path), sess_options=options,
-                                           providers=_provider_list(name, available),
+                                           providers=_provider_list(name, available,
+                                                                    device_id),
                                            enable_fallback=0)
         except Exception as err:  # onnxruntime's pybind errors do not share a base class
             reason = _one_line(str(err))
@@ -213,16 +230,19 @@ def _build(ort: ModuleType, model_path: Path, name: str, available: list[str],
 
 def create_session(model_path: str | os.PathLike[str], provider: str = "auto",
                    threads: int | None = None, profile: bool = False,
-                   log_level: int = 3) -> tuple[Any, SessionInfo]:
+                   log_level: int = 3, device_id: int = 0) -> tuple[Any, SessionInfo]:
     """An InferenceSession whose first provider is really the requested one.
 
     ``auto`` tries TensorRT, CUDA, then CPU among the available providers and records why
     each skipped one was not used. ``profile`` turns on onnxruntime profiling for one
-    :func:`measure_node_placement` call (which ends it again).
+    :func:`measure_node_placement` call (which ends it again). ``device_id`` picks the
+    GPU for CUDA/TensorRT (as numbered under CUDA_VISIBLE_DEVICES).
     """
     if provider not in PROVIDER_CHOICES:
         raise EnvironmentProblem(f"--provider {provider!r}: choose one of "
                                  f"{', '.join(PROVIDER_CHOICES)}")
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+        raise EnvironmentProblem(f"--device-id must be an integer >= 0, got {device_id!r}")
     ort = import_onnxruntime()
     available = list(ort.get_available_providers())
     path = Path(model_path)
@@ -232,7 +252,7 @@ def create_session(model_path: str | os.PathLike[str], provider: str = "auto",
     for index, name in enumerate(candidates):
         try:
             session, profile_dir = _build(ort, path, name, available, threads, profile,
-                                          log_level)
+                                          log_level, device_id)
         except EnvironmentProblem as err:
             if provider != "auto" or index == len(candidates) - 1:
                 raise
@@ -241,7 +261,7 @@ def create_session(model_path: str | os.PathLike[str], provider: str = "auto",
         info = SessionInfo(requested=provider, provider=name, ep=PROVIDER_EPS[name],
                            providers=list(session.get_providers()), available=available,
                            threads=threads, onnxruntime_version=str(ort.__version__),
-                           skipped=skipped, profile_dir=profile_dir)
+                           skipped=skipped, profile_dir=profile_dir, device_id=device_id)
         return session, info
     raise EnvironmentProblem(f"no usable onnxruntime provider among {available}")
 
@@ -303,3 +323,69 @@ def provider_node_counts(model_path: str | os.PathLike[str], provider: str = "au
     session, info = create_session(model_path, provider, threads, profile=True)
     placement = measure_node_placement(session, dummy_feed(session), info)
     return {p: sum(ops.values()) for p, ops in placement.items()}
+
+
+# --------------------------------------------------------------------------- CUDA device
+
+
+class IOBindingRunner:
+    """Batches through a CUDA session with IO binding: one host->device copy of the input
+    and one device->host copy of the outputs per batch.
+
+    Without binding, ``session.run`` copies the input to the GPU and every output back
+    inside each call, and allocates fresh output buffers each time. Here the input is an
+    OrtValue placed on the device, the outputs are bound to OrtValues preallocated on the
+    device for each batch shape (reused across batches; a short last batch of a dynamic
+    artifact gets its own), and ``copy_outputs_to_cpu`` fetches them once per batch.
+    ``ort`` is the onnxruntime module (a stand-in in tests); ``device`` is "cuda" in use
+    ("cpu" lets a test drive the same calls through a real CPU session).
+    """
+
+    def __init__(self, session: Any, ort: Any, input_name: str, output_names: Sequence[str],
+                 output_shape: Any, device_id: int = 0, output_dtype: Any = np.float32,
+                 device: str = "cuda") -> None:
+        self.session, self.ort, self.device = session, ort, device
+        self.input_name, self.output_names = input_name, list(output_names)
+        self.output_shape = output_shape  # (name, batch) -> full output shape
+        self.device_id, self.output_dtype = int(device_id), output_dtype
+        self.binding = session.io_binding()
+        self._outputs: dict[int, list[Any]] = {}
+
+    def _device_outputs(self, batch: int) -> list[Any]:
+        outputs = self._outputs.get(batch)
+        if outputs is None:
+            new = self.ort.OrtValue.ortvalue_from_shape_and_type
+            outputs = [new(tuple(self.output_shape(name, batch)), self.output_dtype,
+                           self.device, self.device_id) for name in self.output_names]
+            self._outputs[batch] = outputs
+        return outputs
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        value = self.ort.OrtValue.ortvalue_from_numpy(x, self.device, self.device_id)
+        self.binding.bind_ortvalue_input(self.input_name, value)
+        for name, out in zip(self.output_names, self._device_outputs(len(x)), strict=True):
+            self.binding.bind_ortvalue_output(name, out)
+        self.session.run_with_iobinding(self.binding)
+        return list(self.binding.copy_outputs_to_cpu())
+
+
+def _nvidia_smi_id(device_id: int) -> str:
+    """nvidia-smi numbers GPUs physically; ORT's device_id counts CUDA_VISIBLE_DEVICES."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+               if v.strip()]
+    return visible[device_id] if device_id < len(visible) else str(device_id)
+
+
+def cuda_free_bytes(device_id: int = 0, timeout: float = 10.0) -> int | None:
+    """Free memory of one GPU from nvidia-smi (no torch, no CUDA bindings); None if unknown."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits",
+                               "-i", _nvidia_smi_id(device_id)], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+        mib = float(done.stdout.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    return int(mib * (1 << 20)) if done.returncode == 0 and mib >= 0 else None

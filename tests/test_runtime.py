@@ -212,6 +212,18 @@ def test_outputs_and_report(default_run: tuple[Path, dict[str, Any]], artifact: 
             assert image.mode == "RGB" and min(image.size) >= 512
 
 
+def test_report_says_how_the_run_was_shaped(default_run: tuple[Path, dict[str, Any]]) -> None:
+    """save_scan writes uncompressed members, so the scan is memory-mapped; the simulator's
+    positions are whole pixels, so the stitch defaults to integer placement; no
+    --batch-size, so the batch comes from free memory (min with the 64 patterns)."""
+    _, report = default_run
+    assert report["data"]["memory_mapped"] is True
+    assert report["stitch"]["subpixel"] == "none" and report["stitch"]["crop"] == 0
+    assert report["batch_choice"]["source"] in ("memory", "default")
+    assert report["batch_choice"]["bytes_per_pattern"] > 0
+    assert report["batch_size"] == 64 and report["io_binding"] is False
+
+
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_batch_size_does_not_change_the_result(tmp_path: Path, artifact: Path, scan_path: Path,
                                                default_run: tuple[Path, dict[str, Any]],
