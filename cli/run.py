@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import run_guarded
-from runtime.errors import ArtifactError
+from runtime.errors import ArtifactError, DataError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -28,11 +28,18 @@ def _echo_self_check(result: dict[str, Any]) -> None:
 def run_command(
     artifact: Annotated[Path, typer.Argument(help="Exported artifact folder (or its model.onnx) "
                                              "with manifest.json.")],
-    data: Annotated[Path | None, typer.Argument(
-        help="Scan in the npz data contract. Leave out to run only the self-check.")] = None,
+    data: Annotated[list[str] | None, typer.Argument(
+        help="Scan(s) in the npz data contract: one file, several, or quoted globs "
+        "('night/*.npz'). Leave out to run only the self-check.")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Output folder (replaced atomically). Default: <data>_recon/ "
-        "next to the data file.")] = None,
+        "next to the data file. With several scans: the folder that receives one "
+        "<scan>_recon/ per scan (default: the current folder).")] = None,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Several scans on Dask: local:N (N worker processes here) or "
+        "dask://HOST:PORT (a running scheduler). Default: one after another.")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a failed scan before it is "
+                                         "reported failed (several scans).")] = 1,
     provider: Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (best available; "
                                           "the report says which ran).")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
@@ -56,7 +63,30 @@ def run_command(
 ) -> None:
     """Reconstruct a scan with an exported model, without torch."""
 
+    def _run_several(files: list[Path]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        from runtime.many import run_many, summary_rows
+
+        options = {"provider": provider, "batch_size": batch_size, "threads": threads,
+                   "self_check": self_check, "subpixel": subpixel, "device_id": device_id}
+        outcomes = run_many(artifact, files, output or Path("."), options, scheduler,
+                            retries, log=typer.echo)
+        table = Table(title=f"{len(outcomes)} scans"
+                      + (f" on {scheduler}" if scheduler else " (sequential)"))
+        for column in ("scan", "status", "patterns", "patterns/s", "seconds", "output / error"):
+            table.add_column(column)
+        for row in summary_rows(outcomes):
+            table.add_row(*row)
+        Console().print(table)
+        failed = [o for o in outcomes if o.status != "ok"]
+        if failed:
+            raise DataError(f"{len(failed)} of {len(outcomes)} scans failed; first: "
+                            f"{Path(failed[0].data).name}: {failed[0].error}")
+
     def body() -> None:
+        from runtime.many import expand_inputs
         from runtime.run import run_scan, self_check_artifact
 
         if data is None:
@@ -69,8 +99,13 @@ def run_command(
                 raise ArtifactError("self-check FAILED: " +
                                     "; ".join(result["self_check"]["failures"]))
             return
-        outdir = output or data.with_name(f"{data.stem}_recon")
-        report = run_scan(artifact, data, outdir, provider=provider, batch_size=batch_size,
+        files = expand_inputs(data)
+        if len(files) > 1 or scheduler is not None:
+            _run_several(files)
+            return
+        single = files[0]
+        outdir = output or single.with_name(f"{single.stem}_recon")
+        report = run_scan(artifact, single, outdir, provider=provider, batch_size=batch_size,
                           threads=threads, self_check=self_check, progress=progress,
                           log_level=2 if verbose else 3, subpixel=subpixel,
                           device_id=device_id)

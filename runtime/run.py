@@ -361,14 +361,18 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
              batch_size: int | None = None, threads: int | None = None,
              self_check: bool = False, progress: bool = True,
              log_level: int = 3, subpixel: str | None = None,
-             device_id: int = 0) -> dict[str, Any]:
+             device_id: int = 0,
+             session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None
+             ) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
     touched: artifact hashes, scan contract, patch size, options, provider, self-check.
     ``subpixel`` (none | fourier | bilinear, see runtime.stitch) defaults to "fourier" when
     any scan position is fractional and "none" otherwise; ``batch_size`` of a
-    dynamic-batch artifact defaults to :func:`auto_batch`'s choice.
+    dynamic-batch artifact defaults to :func:`auto_batch`'s choice. ``session_cache`` (a
+    dict owned by the caller, e.g. one per Dask worker) lets many scans reuse one
+    onnxruntime session per artifact and provider instead of building one per scan.
     """
     started = time.perf_counter()
     data_path, outdir = Path(data_path), Path(outdir)
@@ -388,8 +392,14 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     accumulator = StitchAccumulator(anchor_positions, spec.patch_size, weights=weights,
                                     subpixel=method)
 
-    session, info = create_session(spec.model_path, provider, threads, profile=True,
-                                   log_level=log_level, device_id=device_id)
+    cache_key = (str(spec.model_path), spec.model_sha256, provider, threads, device_id)
+    cached = session_cache.get(cache_key) if session_cache is not None else None
+    if cached is not None:
+        session, info, placement = cached
+    else:
+        session, info = create_session(spec.model_path, provider, threads, profile=True,
+                                       log_level=log_level, device_id=device_id)
+        placement = None
     if batch is not None:
         batch_choice: dict[str, Any] = {
             "source": "option" if spec.batch is None else "artifact",
@@ -401,7 +411,10 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         batch = min(batch, total)
     warm = {spec.input_name: np.zeros((batch, spec.channels, spec.patch_size, spec.patch_size),
                                       dtype=np.float32)}
-    placement = measure_node_placement(session, warm, info)  # also the warm-up run
+    if placement is None:
+        placement = measure_node_placement(session, warm, info)  # also the warm-up run
+        if session_cache is not None:
+            session_cache[cache_key] = (session, info, placement)
     node_counts = {p: sum(ops.values()) for p, ops in placement.items()}
     warnings = []
     off_ep = {p: ops for p, ops in placement.items() if p != info.ep}
