@@ -16,7 +16,9 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def export_command(
-    bundle: Annotated[Path, typer.Argument(help="Bundle zip written by ptycho-train.")],
+    bundle: Annotated[Path | None, typer.Argument(
+        help="Bundle zip written by ptycho-train (or leave out and give --model-class).")
+                      ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript, pt2, a "
                                         "comma list, all, or triton (a Triton model "
                                         "repository around the ONNX export).")] = "onnx",
@@ -38,6 +40,60 @@ def export_command(
                                                         "relative to max|ref|.")] = None,
     phase_tol: Annotated[float | None, typer.Option(help="Override: amplitude-weighted "
                                                     "wrapped phase error (rad).")] = None,
+    model_class: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="package.module:Class (or path/file.py:Class) of an existing model, exported "
+        "instead of a bundle. Importing it runs that module's code.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Weights: Lightning .ckpt, state-dict .pt or .safetensors; read with "
+        "torch.load(weights_only=True) only, files that need pickled code are refused.")
+                          ] = None,
+    adapter: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="package.module:name of an InferenceAdapter; the flags below override it.")
+                       ] = None,
+    method: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Method that predicts, e.g. forward_predict (default: forward).")] = None,
+    input_shape: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="C,N,N of one sample (e.g. 4,64,64), or N for 1,N,N.")] = None,
+    input_name: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Keyword of the diffraction argument (default: first positional).")] = None,
+    model_output: Annotated[str | None, typer.Option(
+        "--model-output", rich_help_panel="Models not trained here",
+        help="complex (amplitude=abs, phase=angle), amp_phase or re_im (pairs).")] = None,
+    output_index: Annotated[int | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Take this element of a tuple result first.")] = None,
+    constants: Annotated[Path | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="npz of constant arguments (probe, positions, scale factors), by keyword; "
+        "read without pickle; float64 is cast to float32 with a note.")] = None,
+    constant: Annotated[list[str] | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="name=value Python literal constant argument, e.g. scale=0.5 (repeatable).")
+                        ] = None,
+    init_args: Annotated[str | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="JSON object of constructor arguments.")] = None,
+    safe_global: Annotated[list[str] | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Allow one trusted class (package.module:Name) in torch.load(weights_only=True)"
+        " (repeatable).")] = None,
+    cast_float64: Annotated[bool, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Cast float64 parameters/buffers to float32 (recorded) instead of refusing.")
+                            ] = False,
+    golden_inputs: Annotated[Path | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="npz with 'diffraction' used as parity inputs (default: seeded synthetic "
+        "Poisson amplitudes).")] = None,
+    input_max: Annotated[float, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="Maximum of the synthetic amplitudes (match your data's units).")] = 1.0,
     triton_name: Annotated[str, typer.Option(help="Model name inside the Triton repository.")
                            ] = "ptycho",
     triton_instance: Annotated[str, typer.Option(help="Triton instance kind: gpu or cpu.")
@@ -50,7 +106,7 @@ def export_command(
     def body() -> None:
         require_train_extra("ptycho-export", ("torch", "safetensors", "onnx", "onnxscript",
                                               "onnxruntime"))
-        from ptycho_export.export.formats import parse_formats
+        from ptycho_export.export.formats import UsageError, parse_formats
         from ptycho_export.export.pipeline import ExportOptions, export_bundle
 
         tolerances = {}
@@ -58,6 +114,25 @@ def export_command(
             tolerances["amplitude_rel_max"] = amplitude_tol
         if phase_tol is not None:
             tolerances["phase_weighted_max_rad"] = phase_tol
+        if (bundle is None) == (model_class is None):
+            raise UsageError("give either a bundle or --model-class (with --checkpoint), "
+                             "not both and not neither")
+        if model_class is not None:
+            from ptycho_export.export.foreign import export_foreign_command
+
+            outdir = output or Path("artifacts") / (
+                checkpoint.stem if checkpoint else model_class.rsplit(":", 1)[-1])
+            result = export_foreign_command(
+                model_class, outdir, checkpoint=checkpoint, adapter=adapter, method=method,
+                input_name=input_name, input_shape=input_shape, output=model_output,
+                output_index=output_index, constants=constants, constant=constant or (),
+                init_args=init_args, safe_global=safe_global or (),
+                cast_float64=cast_float64, golden_inputs=golden_inputs, input_max=input_max,
+                formats=format, batch=batch, opset=opset, precision=precision,
+                with_physics=with_physics, amplitude_tol=amplitude_tol, phase_tol=phase_tol,
+                command=shlex.join(["ptycho-export", *sys.argv[1:]]), log=typer.echo)
+            _report(result)
+            return
         triton = format == "triton"
         options = ExportOptions(formats=["onnx"] if triton else parse_formats(format),
                                 batch=batch, opset=opset,
@@ -79,20 +154,24 @@ def export_command(
                        f"serve with: tritonserver --model-repository={outdir}")
             return
         result = export_bundle(bundle, outdir, options, log=typer.echo)
-        gated = [r for r in result.rows if r.gated]
-        worst_amp = max(r.stats["amplitude"].rel_max for r in gated if "amplitude" in r.stats)
-        worst_phase = max((r.stats["phase"].weighted_max or 0.0) for r in gated
-                          if "phase" in r.stats)
-        typer.echo(f"parity PASS: {len(gated)} checks; worst amplitude error "
-                   f"{worst_amp:.2e} of max, worst weighted phase error {worst_phase:.2e} rad")
-        typer.echo(f"wrote {result.outdir}/ in {result.seconds:.1f} s: "
-                   + ", ".join(sorted(result.manifest["files"])))
-        if "onnx" in result.manifest["artifacts"]:
-            typer.echo(f"next: ptycho-run {result.outdir} your_scan.npz -o "
-                       f"{result.outdir}/run --provider auto")
+        _report(result)
 
     run_guarded(body, verbose)
 
+
+def _report(result) -> None:  # noqa: ANN001 - an ExportResult
+    """The closing lines: the gate's worst numbers, what was written, what to run next."""
+    gated = [r for r in result.rows if r.gated]
+    worst_amp = max(r.stats["amplitude"].rel_max for r in gated if "amplitude" in r.stats)
+    worst_phase = max((r.stats["phase"].weighted_max or 0.0) for r in gated
+                      if "phase" in r.stats)
+    typer.echo(f"parity PASS: {len(gated)} checks; worst amplitude error "
+               f"{worst_amp:.2e} of max, worst weighted phase error {worst_phase:.2e} rad")
+    typer.echo(f"wrote {result.outdir}/ in {result.seconds:.1f} s: "
+               + ", ".join(sorted(result.manifest["files"])))
+    if "onnx" in result.manifest["artifacts"]:
+        typer.echo(f"next: ptycho-run {result.outdir} your_scan.npz -o "
+                   f"{result.outdir}/run --provider auto")
 
 def main() -> None:
     app()

@@ -35,8 +35,11 @@ def check_eval_mode(module: nn.Module) -> list[str]:
     ][:3]
 
 
-def check_float32(module: nn.Module, allowed: tuple[torch.dtype, ...] = (torch.float32,)
-                  ) -> list[str]:
+def check_float32(module: nn.Module, allowed: tuple[torch.dtype, ...] = (torch.float32,),
+                  allow_complex: bool = False) -> list[str]:
+    """float64 (or other unexpected float) tensors, and complex ones unless `allow_complex`
+    (foreign modules may keep a complex64 probe buffer: the dynamo exporter stores it as a
+    real initializer; complex128 is always refused)."""
     findings = []
     for kind, items in (("parameter", module.named_parameters()),
                         ("buffer", module.named_buffers())):
@@ -44,10 +47,24 @@ def check_float32(module: nn.Module, allowed: tuple[torch.dtype, ...] = (torch.f
             if tensor.is_floating_point() and tensor.dtype not in allowed:
                 findings.append(f"{kind} '{name}' is {tensor.dtype}: store it as float32 "
                                 "(model.float(), or register it with dtype=torch.float32)")
-            elif tensor.is_complex():
+            elif tensor.is_complex() and not (allow_complex and tensor.dtype == torch.complex64):
                 findings.append(f"{kind} '{name}' is complex: store real and imaginary parts "
                                 "as two float32 buffers")
     return findings[:3]
+
+
+def _raising_call(text: str) -> str:
+    """' at FILE:LINE (`code`)' from torch.export's "The following call raised this error"."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("The following call raised this error") and i + 1 < len(lines):
+            where = lines[i + 1].strip()
+            if where.startswith('File "'):
+                file, _, rest = where[6:].partition('", line ')
+                lineno = rest.split(",")[0]
+                code = lines[i + 2].strip() if i + 2 < len(lines) else ""
+                return f" at {file}:{lineno}" + (f" (`{code}`)" if code else "")
+    return ""
 
 
 def _first_line(err: BaseException) -> str:
@@ -68,9 +85,9 @@ def export_program(module: nn.Module, example: tuple[torch.Tensor, ...],
         text = str(err)
         hint = ""
         if "data-dependent" in text or "GuardOnDataDependent" in type(err).__name__ + text:
-            hint = (" -- forward branches on tensor values (e.g. `if x.max() > 0:`); a frozen "
-                    "graph would keep only one branch: use torch.where or move the decision "
-                    "out of forward")
+            hint = (f"{_raising_call(text)} -- forward branches on tensor values (e.g. "
+                    "`if x.max() > 0:`); a frozen graph would keep only one branch: use "
+                    "torch.where or move the decision out of forward")
         raise ExportLintError(f"torch.export refused the model: {_first_line(err)}{hint}"
                               ) from None
 
@@ -105,8 +122,9 @@ def baked_devices(traced: torch.jit.ScriptModule) -> list[str]:
 
 def lint_module(module: nn.Module, example: tuple[torch.Tensor, ...],
                 dynamic_batch: bool = True,
-                allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> LintResult:
-    findings = check_eval_mode(module) + check_float32(module, allowed_dtypes)
+                allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
+                allow_complex: bool = False) -> LintResult:
+    findings = check_eval_mode(module) + check_float32(module, allowed_dtypes, allow_complex)
     if findings:
         raise ExportLintError("; ".join(findings))
     exported = export_program(module, example, dynamic_batch)

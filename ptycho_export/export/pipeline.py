@@ -14,6 +14,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,11 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ptycho_export.bundle import Bundle, build_net, read_bundle, sha256_file
 from ptycho_export.export.audit import audit_onnx, audit_torch_file
 from ptycho_export.export.formats import FORMATS, PRECISIONS, UsageError
-from ptycho_export.export.lint import lint_module
+from ptycho_export.export.lint import LintResult, lint_module
 from ptycho_export.export.wrapper import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -39,6 +41,7 @@ from ptycho_export.export.wrapper import (
 from ptycho_export.parity import (
     OnnxRunner,
     ParityRow,
+    Runner,
     eager_runner,
     parity_cases,
     parity_table,
@@ -219,19 +222,151 @@ def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance
     return facts, rows
 
 
+PhysicsHook = Callable[[Path, dict[str, np.ndarray], dict[str, str]],
+                      tuple[str, dict[str, Any], list[ParityRow]]]
+
+
+def batch_dim(options: ExportOptions) -> int | str:
+    """The batch entry of every declared shape: "batch" (dynamic) or the fixed size."""
+    return "batch" if options.batch is None else options.batch
+
+
+def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
+                  outdir: str | os.PathLike, options: ExportOptions, *,
+                  metadata: dict[str, str], manifest_fields: dict[str, Any],
+                  exact: Runner | None = None, eager: Runner | None = None,
+                  program: torch.export.ExportedProgram | None = None,
+                  output_sample_shape: tuple[int, ...] | None = None,
+                  extra: PhysicsHook | None = None, log=None,  # noqa: ANN001
+                  started: float | None = None) -> ExportResult:
+    """freeze -> audit -> parity gate -> manifest for any linted float32 module with one
+    input (`INPUT_NAME`) and the outputs `OUTPUT_NAMES`, written atomically to `outdir`.
+
+    `reference` is the fp32 eager module the artifacts must match (run through `eager`,
+    default `eager_runner(reference)`), `exact` an optional float64 runner (informational
+    rows), `program` what ONNX and .pt2 are made from
+    (default: `linted.exported`; a rewritten program for foreign modules), `extra` a hook
+    that adds one more artifact with its own parity rows (the physics graph).
+    `manifest_fields` (source, model, inputs, outputs, ...) are merged into the manifest.
+    """
+    log = log or (lambda message: None)
+    started = time.perf_counter() if started is None else started
+    outdir = Path(outdir)
+    program = linted.exported if program is None else program
+    dynamic = options.batch is None
+    b = batch_dim(options)
+    tolerances = DEFAULT_TOLERANCES[options.precision] | options.tolerances
+    golden = np.asarray(golden, dtype=np.float32)
+    example_np = _example_batch(golden, options.batch)
+    example = (torch.from_numpy(example_np),)
+    shape = [b, *golden.shape[1:]]
+    sample_out = tuple(golden.shape[1:]) if output_sample_shape is None else output_sample_shape
+    out_shape = [b, *sample_out]
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        artifacts: dict[str, dict[str, Any]] = {}
+        candidates = []
+        output_shapes = [(example_np.shape[0], *sample_out)] * len(OUTPUT_NAMES)
+        for name in options.formats:
+            fmt = FORMATS[name]
+            path = tmp / fmt.filename
+            t0 = time.perf_counter()
+            if name == "onnx":
+                save_onnx(program, example, path, options.opset, [INPUT_NAME],
+                          list(OUTPUT_NAMES), metadata)
+                facts = audit_onnx(path, {INPUT_NAME: shape},
+                                   {o: out_shape for o in OUTPUT_NAMES}, options.opset,
+                                   options.precision)
+                candidates.append(OnnxRunner("onnxruntime cpu", path))
+            elif name == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", category=DeprecationWarning)
+                    torch.jit.save(linted.traced, str(path), _extra_files={
+                        "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
+                    facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
+                    candidates.append(torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
+            else:
+                torch.export.save(program, str(path))
+                facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
+                candidates.append(pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
+            facts["seconds"] = round(time.perf_counter() - t0, 3)
+            artifacts[name] = {"file": fmt.filename, **facts}
+            log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
+                f"{facts['seconds']:.1f} s), audit passed")
+
+        cases = parity_cases(golden, n_random=8, seed=0)
+        if not dynamic:  # fixed-batch artifacts only take their own batch size
+            cases = {k: _example_batch(v, options.batch) for k, v in cases.items()}
+        if eager is None:
+            eager = eager_runner(reference, (INPUT_NAME,), OUTPUT_NAMES)
+        rows = run_parity(eager, candidates, cases, INPUT_NAME, tolerances, exact)
+        golden_in = cases["golden"]
+        golden_out = eager.infer({INPUT_NAME: golden_in})
+
+        if extra is not None:
+            key, extra_facts, extra_rows = extra(tmp, golden_out, metadata)
+            rows += extra_rows
+            artifacts[key] = extra_facts
+
+        failures = _gate(rows)
+        table = parity_table(rows)
+        if failures:
+            report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
+                      "rows": [r.to_dict() for r in rows], "command": options.command}
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+            _write_json(tmp / "parity_failure.json", report)
+            (tmp / "parity_failure.md").write_text(
+                "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
+                "\n\n" + table + "\n\nNext: inspect the failing node with "
+                "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
+            _replace_dir(tmp, outdir)
+            worst = failures[0]
+            raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
+                              f"report in {outdir / 'parity_failure.md'}")
+
+        np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
+                 **{k: v.astype(np.float32) for k, v in golden_out.items()})
+        (tmp / "parity.md").write_text(table + "\n")
+        manifest = {
+            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
+            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": options.command,
+            "versions": versions(),
+            "precision": options.precision,
+            **manifest_fields,
+            "artifacts": artifacts,
+            "golden": {"file": "golden.npz", "input": INPUT_NAME,
+                       "outputs": list(OUTPUT_NAMES)},
+            "tolerances": tolerances,
+            "parity": {"status": "PASS", "rows": [r.to_dict() for r in rows]},
+        }
+        manifest["files"] = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
+                             for p in sorted(tmp.iterdir()) if p.is_file()}
+        _write_json(tmp / "manifest.json", manifest)
+        _replace_dir(tmp, outdir)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(outdir=outdir, manifest=manifest, rows=rows,
+                        seconds=time.perf_counter() - started)
+
+
 def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
                   options: ExportOptions | None = None, log=None) -> ExportResult:  # noqa: ANN001
     options = options or ExportOptions()
     options.validate()
     log = log or (lambda message: None)
     started = time.perf_counter()
-    outdir = Path(outdir)
     bundle = read_bundle(bundle_path)
     net = build_net(bundle)  # eval, float32, CPU: the only model this function freezes
     config = bundle.config
     n, c = config.patch_size, config.channels
     dynamic = options.batch is None
-    b: int | str = "batch" if dynamic else options.batch
+    b = batch_dim(options)
     tolerances = DEFAULT_TOLERANCES[options.precision] | options.tolerances
     golden = np.asarray(bundle.golden["amplitudes"], dtype=np.float32)
 
@@ -258,115 +393,37 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
         "source_bundle_sha256": bundle_sha, "precision": options.precision,
     }
     shape = [b, c, n, n]
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        artifacts: dict[str, dict[str, Any]] = {}
-        candidates = []
-        output_shapes = [tuple(example_np.shape)] * len(OUTPUT_NAMES)
-        for name in options.formats:
-            fmt = FORMATS[name]
-            path = tmp / fmt.filename
-            t0 = time.perf_counter()
-            if name == "onnx":
-                save_onnx(linted.exported, example, path, options.opset, [INPUT_NAME],
-                          list(OUTPUT_NAMES), metadata)
-                facts = audit_onnx(path, {INPUT_NAME: shape},
-                                   {o: shape for o in OUTPUT_NAMES}, options.opset,
-                                   options.precision)
-                candidates.append(OnnxRunner("onnxruntime cpu", path))
-            elif name == "torchscript":
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", category=DeprecationWarning)
-                    torch.jit.save(linted.traced, str(path), _extra_files={
-                        "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
-                    facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
-                    candidates.append(torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
-            else:
-                torch.export.save(linted.exported, str(path))
-                facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
-                candidates.append(pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
-            facts["seconds"] = round(time.perf_counter() - t0, 3)
-            artifacts[name] = {"file": fmt.filename, **facts}
-            log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
-                f"{facts['seconds']:.1f} s), audit passed")
 
-        cases = parity_cases(golden, n_random=8, seed=0)
-        if not dynamic:  # fixed-batch artifacts only take their own batch size
-            cases = {k: _example_batch(v, options.batch) for k, v in cases.items()}
-        reference = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES)
-        exact = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES, dtype=torch.float64)
-        rows = run_parity(reference, candidates, cases, INPUT_NAME, tolerances, exact)
-        golden_in = cases["golden"]
-        golden_out = reference.infer({INPUT_NAME: golden_in})
-
-        physics_facts = None
-        if options.with_physics:
+    physics = None
+    if options.with_physics:
+        def physics(tmp: Path, golden_out: dict[str, np.ndarray], meta: dict[str, str]
+                    ) -> tuple[str, dict[str, Any], list[ParityRow]]:
             pow2 = n & (n - 1) == 0
             tol = tolerances.get(f"{PHYSICS_OUTPUT_NAME}_rel_max", 1e-5 if pow2 else 1e-4)
             if not pow2:
                 log(f"warning: patch size {n} is not a power of two; physics tolerance "
                     f"loosened to {tol:g}")
-            physics_facts, physics_rows = _physics_parity(bundle, tmp, options, tol, metadata,
-                                                          golden_out)
-            rows += physics_rows
-            artifacts["physics"] = physics_facts
+            facts, rows = _physics_parity(bundle, tmp, options, tol, meta, golden_out)
+            return "physics", facts, rows
 
-        failures = _gate(rows)
-        table = parity_table(rows)
-        if failures:
-            report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
-                      "rows": [r.to_dict() for r in rows], "command": options.command}
-            shutil.rmtree(tmp)
-            tmp.mkdir()
-            _write_json(tmp / "parity_failure.json", report)
-            (tmp / "parity_failure.md").write_text(
-                "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
-                "\n\n" + table + "\n\nNext: inspect the failing node with "
-                "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
-            _replace_dir(tmp, outdir)
-            worst = failures[0]
-            raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
-                              f"report in {outdir / 'parity_failure.md'}")
-
-        np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
-                 **{k: v.astype(np.float32) for k, v in golden_out.items()})
-        (tmp / "parity.md").write_text(table + "\n")
-        manifest = {
-            "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
-            "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-            "command": options.command,
-            "source_bundle": {"file": Path(bundle_path).name, "sha256": bundle_sha},
-            "versions": versions(),
-            "model": config.to_dict(),
-            "normalization": bundle.normalization.to_dict(),
-            "precision": options.precision,
-            "inputs": [{"name": INPUT_NAME, "shape": shape, "dtype": "float32",
-                        "meaning": "measured diffraction amplitudes (sqrt counts, as in the "
-                                   "training data); the graph applies amplitude_scale itself"}],
-            "outputs": [{"name": "amplitude", "shape": shape, "dtype": "float32",
-                         "range": [0.0, config.amp_max]},
-                        {"name": "phase", "shape": shape, "dtype": "float32",
-                         "range": [-math.pi, math.pi]}],
-            "complex_layout": COMPLEX_LAYOUT,
-            "origin_convention": ORIGIN_CONVENTION,
-            "fft": {"implementation": "dft-matmul (training physics)", "norm": "ortho",
-                    "shift": "centred (fftshift)"},
-            "probe_sha256": __import__("hashlib").sha256(bundle.probe.tobytes()).hexdigest(),
-            "artifacts": artifacts,
-            "golden": {"file": "golden.npz", "input": INPUT_NAME,
-                       "outputs": list(OUTPUT_NAMES)},
-            "tolerances": tolerances,
-            "parity": {"status": "PASS", "rows": [r.to_dict() for r in rows]},
-        }
-        manifest["files"] = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
-                             for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, outdir)
-    except BaseException:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return ExportResult(outdir=outdir, manifest=manifest, rows=rows,
-                        seconds=time.perf_counter() - started)
+    manifest_fields = {
+        "source_bundle": {"file": Path(bundle_path).name, "sha256": bundle_sha},
+        "model": config.to_dict(),
+        "normalization": bundle.normalization.to_dict(),
+        "inputs": [{"name": INPUT_NAME, "shape": shape, "dtype": "float32",
+                    "meaning": "measured diffraction amplitudes (sqrt counts, as in the "
+                               "training data); the graph applies amplitude_scale itself"}],
+        "outputs": [{"name": "amplitude", "shape": shape, "dtype": "float32",
+                     "range": [0.0, config.amp_max]},
+                    {"name": "phase", "shape": shape, "dtype": "float32",
+                     "range": [-math.pi, math.pi]}],
+        "complex_layout": COMPLEX_LAYOUT,
+        "origin_convention": ORIGIN_CONVENTION,
+        "fft": {"implementation": "dft-matmul (training physics)", "norm": "ortho",
+                "shift": "centred (fftshift)"},
+        "probe_sha256": __import__("hashlib").sha256(bundle.probe.tobytes()).hexdigest(),
+    }
+    exact = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES, dtype=torch.float64)
+    return export_module(wrapper, linted, golden, outdir, options, metadata=metadata,
+                         manifest_fields=manifest_fields, exact=exact, extra=physics,
+                         log=log, started=started)
