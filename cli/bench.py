@@ -1,0 +1,118 @@
+"""ptycho-bench [--bundle B] [--batch-sizes 64,256] [--quick]: every runtime, one process"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated
+
+import typer
+
+from cli.common import require_train_extra, run_guarded
+from runtime.errors import EnvironmentProblem
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench() -> ModuleType:
+    """bench/ lives in the checkout, not in the wheel: find it next to cli/."""
+    try:
+        return importlib.import_module("bench.bench")
+    except ModuleNotFoundError as err:
+        if err.name not in ("bench", "bench.bench"):
+            raise
+    if not (REPO / "bench" / "bench.py").is_file():
+        raise EnvironmentProblem("ptycho-bench runs from a source checkout (bench/bench.py "
+                                 f"next to {REPO / 'cli'} is missing); pip install -e .")
+    sys.path.insert(0, str(REPO))
+    return importlib.import_module("bench.bench")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected a comma list of integers, e.g. 64,256"
+                                 ) from None
+    if not sizes or any(size < 1 for size in sizes):
+        raise typer.BadParameter(f"{text!r}: batch sizes must be >= 1")
+    return tuple(dict.fromkeys(sizes))
+
+
+@app.command()
+def bench_command(
+    bundle: Annotated[Path | None, typer.Option(
+        help="Bundle to benchmark. Default: a seeded random-weight model of --preset (weights "
+             "do not change speed).")] = None,
+    artifacts: Annotated[Path | None, typer.Option(
+        help="Already exported folder (model.onnx, model.ts, model.pt2) of that bundle: "
+             "skips the export step.")] = None,
+    preset: Annotated[str | None, typer.Option(help="default, small or tiny (without "
+                                               "--bundle).")] = None,
+    patch_size: Annotated[int | None, typer.Option(min=4, help="N (without --bundle).")] = None,
+    batch_sizes: Annotated[str | None, typer.Option(help="Comma list, e.g. 64,256.")] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Timed rounds per batch size "
+                                                "(median reported).")] = None,
+    warmup: Annotated[int | None, typer.Option(min=0, help="Untimed calls per runtime first "
+                                               "(at least 1 is made).")] = None,
+    sweep_batch: Annotated[int | None, typer.Option(
+        min=1, help="Batch for the onnxruntime settings sweep (default: smallest).")] = None,
+    sweep_repeats: Annotated[int | None, typer.Option(min=1, help="Rounds of the sweep.")
+                             ] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads (default: usable "
+                                                "cores).")] = None,
+    max_seconds: Annotated[float | None, typer.Option(
+        help="Per batch size: start no new timed round (at least 3 run) after this many "
+             "seconds (default 60; 0: no limit).")] = None,
+    stitch_patches: Annotated[int | None, typer.Option(min=0, help="Patches for the stitcher "
+                                                       "timing (0 skips).")] = None,
+    scan_grid: Annotated[int | None, typer.Option(min=0, help="End-to-end scan of G x G "
+                                                  "positions (0 skips).")] = None,
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
+    machine: Annotated[str | None, typer.Option(
+        help="Name of the results files (default: cpu-<cores>core-<cpu model>).")] = None,
+    gpu: Annotated[bool, typer.Option(help="Run the CUDA section when a device exists.")
+                   ] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="Seconds: tiny model, N=32, batch 8, "
+                                        "one round (a smoke test, not a measurement).")
+                     ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for weights and inputs.")] = 0,
+    malloc_tuned: Annotated[bool, typer.Option(
+        "--malloc-tuned", help="glibc only: keep large tensors in the heap instead of mmap + "
+        "page faults on every call (mallopt M_MMAP_MAX=0); results get a -malloc-tuned name."
+    )] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
+) -> None:
+    """Throughput, latency, memory of eager / TorchScript / .pt2 / onnxruntime, same inputs."""
+
+    def body() -> None:
+        require_train_extra("ptycho-bench")
+        bench = load_bench()
+        values = dict(preset=preset, patch_size=patch_size,
+                      batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes else None,
+                      repeats=repeats, warmup=warmup, sweep_batch=sweep_batch,
+                      sweep_repeats=sweep_repeats, threads=threads, max_seconds=max_seconds,
+                      stitch_patches=stitch_patches, scan_grid=scan_grid, bundle=bundle,
+                      artifacts=artifacts, machine=machine, gpu=gpu, seed=seed,
+                      malloc_tuned=malloc_tuned,
+                      command=shlex.join(["ptycho-bench", *sys.argv[1:]]))
+        if quick:
+            config = bench.BenchConfig.quick_config(**values)
+        else:
+            config = bench.BenchConfig(**{k: v for k, v in values.items() if v is not None})
+        bench.main(config, out, log=lambda message: typer.echo(message, err=True))
+
+    run_guarded(body, verbose)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
