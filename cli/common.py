@@ -8,7 +8,7 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from runtime.errors import EXIT_BAD_INPUT, EnvironmentProblem, PtychoError
+from runtime.errors import EXIT_BAD_INPUT, EnvironmentProblem, PtychoError, os_error_line
 
 T = TypeVar("T")
 
@@ -36,8 +36,14 @@ def run_guarded(action: Callable[[], T], verbose: bool = False) -> T:
     except KeyboardInterrupt:
         print("interrupted: no partial outputs were kept", file=sys.stderr)
         raise SystemExit(130) from None
-    except (ValueError, OSError) as err:
+    except OSError as err:  # disk full / not writable: exit 4; other paths: exit 3
         if verbose:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        line, code = os_error_line(err)
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(code) from None
+    except ValueError as err:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None

@@ -29,7 +29,7 @@ import torch
 from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.generator import PtychoNet
 from ptycho_export.normalization import Normalization
-from runtime.errors import BundleError, EnvironmentProblem
+from runtime.errors import BundleError, EnvironmentProblem, naming
 
 FORMAT_NAME = "ptycho-export-bundle"
 FORMAT_VERSION = 1
@@ -128,19 +128,24 @@ def write_bundle(
                     for name, blob in members.items()},
     }
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its 0600 mode would survive the rename and hide the bundle from the
     # group; O_EXCL with the umask-respecting 0666 is just as safe against clobbering.
     tmp_name = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
-    os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as err:  # the error names the bundle the user asked for
+        raise naming(err, target) from err
     try:
         with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
             for name, blob in members.items():
                 archive.writestr(name, blob)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as err:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise naming(err, target) from err
         raise
     return target
 
@@ -283,13 +288,19 @@ def read_bundle(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTE
         config = ModelConfig.from_dict(config_all["model"])
         normalization = Normalization.from_dict(config_all["normalization"])
     except (KeyError, TypeError, ValueError) as err:
-        raise BundleError(f"{source}: config.json is invalid: {err}") from None
+        detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+        if isinstance(err, KeyError) and isinstance(detail, str) and " " not in detail:
+            detail = f"missing key {detail!r}"
+        raise BundleError(f"{source}: config.json is invalid: {detail}; the bundle was edited "
+                          "or written by another tool: re-create it with ptycho-train") from None
     try:
         probe = np.load(io.BytesIO(blobs["probe.npy"]), allow_pickle=False)
         with np.load(io.BytesIO(blobs["golden.npz"]), allow_pickle=False) as golden_file:
             golden = {key: golden_file[key] for key in golden_file.files}
-    except (ValueError, OSError, EOFError) as err:
-        raise BundleError(f"{source}: probe.npy or golden.npz is unreadable ({err})") from None
+    except (ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile, zlib_error(),
+            RuntimeError, NotImplementedError) as err:  # MemoryError: a forged array header
+        raise BundleError(f"{source}: probe.npy or golden.npz is unreadable "
+                          f"({type(err).__name__}: {' '.join(str(err).split())})") from None
     n = config.patch_size
     if probe.shape != (n, n) or probe.dtype != np.complex64:
         raise BundleError(f"{source}: probe.npy is {probe.dtype}{probe.shape}, "

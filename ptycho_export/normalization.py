@@ -24,7 +24,17 @@ class Normalization:
 
     @classmethod
     def from_dict(cls, values: dict) -> Normalization:
-        return cls(float(values["amplitude_scale"]), float(values["probe_scale"]))
+        """From a bundle's config; a scale that is not a finite positive number would make
+        every output NaN or sign-flipped, so it is refused (ValueError) here."""
+        scales = {}
+        for key in ("amplitude_scale", "probe_scale"):
+            value = values[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not np.isfinite(value) or value <= 0:
+                raise ValueError(f"normalization {key} is {value!r}; expected a finite "
+                                 "number > 0")
+            scales[key] = float(value)
+        return cls(**scales)
 
 
 def target_power(patch_size: int) -> float:

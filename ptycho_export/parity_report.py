@@ -87,6 +87,43 @@ class VerifiedArtifacts:
     batch: int | None  # fixed batch of the artifacts, None when dynamic
 
 
+NOT_READABLE: Any = object()  # this format keeps no metadata we can read without loading it
+TORCHSCRIPT_METADATA = "extra/ptycho_export.json"
+
+
+def embedded_metadata(kind: str, path: Path) -> dict[str, str] | None | Any:
+    """The metadata ptycho-export embeds in a model file, read without running or
+    unpickling anything: ONNX metadata_props (via the onnx package), TorchScript's
+    ``extra/ptycho_export.json`` (straight from the zip). None when the file has none,
+    NOT_READABLE for .pt2 (none is written) or without the onnx package."""
+    if kind == "torchscript":
+        import zipfile
+        import zlib
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist()
+                         if n.count("/") == 2 and n.endswith("/" + TORCHSCRIPT_METADATA)]
+                if len(names) != 1 or archive.getinfo(names[0]).file_size > 1 << 20:
+                    return None
+                values = json.loads(archive.read(names[0]))
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError,
+                NotImplementedError, zlib.error):
+            return None
+        return {str(k): str(v) for k, v in values.items()} if isinstance(values, dict) else None
+    if kind == "onnx":
+        try:
+            import onnx
+        except ImportError:
+            return NOT_READABLE
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - protobuf decode errors share no base class
+            return None
+        return {entry.key: entry.value for entry in model.metadata_props}
+    return NOT_READABLE
+
+
 def _plain(manifest_path: Path, name: Any) -> str:
     if not isinstance(name, str) or not name or name in (".", "..") or "/" in name \
             or "\\" in name:
@@ -102,6 +139,7 @@ def verify_artifacts(artifact_dir: str | os.PathLike, bundle_path: str | os.Path
     from runtime.manifest import (
         MANIFEST_NAME,
         _read_manifest,
+        check_provenance,
         load_artifact,
         sha256_file,
         verify_file,
@@ -163,6 +201,10 @@ def verify_artifacts(artifact_dir: str | os.PathLike, bundle_path: str | os.Path
     if bundle_config is not None and manifest.get("model") != bundle_config:
         raise ArtifactError(f"{manifest_path}: \"model\" {manifest.get('model')} differs from "
                             f"the bundle's config {bundle_config} (manifest edited?)")
+    for key, path in found.items():
+        metadata = embedded_metadata(key, path)
+        if metadata is not NOT_READABLE:
+            check_provenance(path, metadata, manifest, manifest_path)
     return VerifiedArtifacts(folder=folder, manifest=manifest, files=found, sha256=digests,
                              not_compared=not_compared, tolerances=tolerances,
                              precision=precision, batch=batch)

@@ -6,8 +6,10 @@ LightningModule holds the science. Only rank 0 writes the bundle and reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
 from ptycho_export.reconstruct import quality_report, reconstruct_eager
+from runtime.errors import DataError
 from runtime.scan import ScanData, load_scan
 
 
@@ -139,6 +142,27 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def fit_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: Any,
+                    ckpt_path: str | None) -> None:
+    """``trainer.fit`` where Ctrl-C stays a KeyboardInterrupt.
+
+    On Ctrl-C Lightning shuts down, sets SIGINT to "ignore" for good and calls
+    ``sys.exit(1)``: the command would exit 1 (not the documented 130) and a second Ctrl-C
+    would no longer work. Here the handler is restored and the interrupt re-raised; no
+    bundle is written either way."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        with contextlib.suppress(ValueError, TypeError):  # not the main thread / no handler
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+
+
 def train(
     data_path: str | os.PathLike, bundle_path: str | os.PathLike,
     run_dir: str | os.PathLike | None = None, options: TrainOptions | None = None,
@@ -149,11 +173,15 @@ def train(
     scan = scan if scan is not None else load_scan(data_path)
     bundle_path = Path(bundle_path)
     run = Path(run_dir) if run_dir else bundle_path.with_name(bundle_path.stem + "_run")
+    try:  # before anything is created: a scan that cannot be normalised leaves no run folder
+        normalization = compute_normalization(scan.amplitudes, scan.probe)
+    except ValueError as err:
+        raise DataError(f"{scan.source or data_path}: {err} (beam off, or a dark-only "
+                        "file?); train on a scan with measured diffraction") from err
     run.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(options.seed, workers=True, verbose=False)
     config = ModelConfig.from_preset(options.preset, scan.patch_size, options.gridsize)
-    normalization = compute_normalization(scan.amplitudes, scan.probe)
     datamodule = ScanDataModule(scan, options.gridsize, options.batch_size,
                                 options.val_fraction, options.seed)
     module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
@@ -178,8 +206,8 @@ def train(
     last = run / "checkpoints" / "last.ckpt"
     # Our own run folder's checkpoint (Lightning's format) is trusted for resuming only;
     # bundles never contain pickles.
-    trainer.fit(module, datamodule=datamodule,
-                ckpt_path=str(last) if options.resume and last.exists() else None)
+    fit_interrupted(trainer, module, datamodule,
+                    str(last) if options.resume and last.exists() else None)
 
     quality: dict[str, Any] = {}
     if trainer.is_global_zero:

@@ -6,6 +6,9 @@ The CLI maps them to exit codes, so a script driving ptycho-export can tell a ba
 
 from __future__ import annotations
 
+import errno
+import os
+
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_ENVIRONMENT = 4
@@ -40,3 +43,30 @@ class ParityError(PtychoError):
     """A frozen artifact disagrees with the eager model beyond tolerance."""
 
     exit_code = EXIT_PARITY
+
+
+# An OSError with one of these is the machine's problem, not the input's (exit 4): the disk
+# or quota is full, the file system is read-only, the user may not write (or read) there.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                errno.EPERM})
+
+
+def naming(err: OSError, target: str | os.PathLike[str]) -> OSError:
+    """The same error, naming the output ``target`` (a failed write() names no file, a
+    failed temp file names the temp name): what the user chose and can fix."""
+    if err.errno is None:
+        return err
+    return OSError(err.errno, err.strerror or str(err), os.fspath(target))
+
+
+def os_error_line(err: OSError) -> tuple[str, int]:
+    """One line and an exit code for an OSError that reached a command's top level."""
+    text = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+    text = " ".join(text.split())
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{text}; free some space or write elsewhere (-o); nothing half-written was "
+                "kept and any previous output is intact", EXIT_ENVIRONMENT)
+    if err.errno in ENVIRONMENT_ERRNOS:
+        return (f"{text}; check the permissions of that path or choose another output "
+                "folder (-o); any previous output is intact", EXIT_ENVIRONMENT)
+    return text, EXIT_BAD_INPUT

@@ -22,7 +22,8 @@ MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
 DEFAULT_MODEL_FILE = "model.onnx"
 
-__all__ = ["ArtifactSpec", "MANIFEST_NAME", "load_artifact", "sha256_file", "verify_file"]
+__all__ = ["ArtifactSpec", "MANIFEST_NAME", "check_provenance", "load_artifact", "sha256_file",
+           "verify_file"]
 
 
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
@@ -121,6 +122,39 @@ def verify_file(folder: Path, name: str, files: dict[str, Any], manifest_path: P
         raise ArtifactError(f"{path} does not match its sha256 in {MANIFEST_NAME} "
                             "(edited after export?)")
     return digest
+
+
+def check_provenance(model_path: Path, metadata: dict[str, str] | None,
+                     manifest: dict[str, Any], manifest_path: Path) -> None:
+    """A model file must come from the export its manifest describes.
+
+    The hash check cannot see a model file from another export swapped in with the manifest
+    rehashed; the metadata the exporter embeds in every model file (ONNX metadata_props,
+    TorchScript extra/ptycho_export.json) can: its source bundle sha256 and model facts
+    must be the manifest's. Manifests that record no source bundle (models exported from
+    elsewhere, hand-written test folders) have nothing to compare and pass.
+    """
+    source = manifest.get("source_bundle")
+    recorded = source.get("sha256") if isinstance(source, dict) else None
+    if not isinstance(recorded, str):
+        return
+    embedded = (metadata or {}).get("source_bundle_sha256")
+    if not isinstance(embedded, str):
+        raise ArtifactError(f"{model_path}: carries no ptycho-export provenance, but "
+                            f"{manifest_path.name} says it was exported from "
+                            f"{source.get('file', 'a bundle')}; a model file was swapped in: "
+                            "re-export the bundle")
+    if embedded != recorded:
+        raise ArtifactError(f"{model_path}: was exported from another bundle (sha256 "
+                            f"{embedded[:12]}...) than {manifest_path.name} records "
+                            f"({recorded[:12]}...); a model file was swapped in: re-export the "
+                            "bundle")
+    model = manifest.get("model") or {}
+    for key in ("patch_size", "gridsize"):
+        if metadata and key in metadata and isinstance(model, dict) and key in model \
+                and str(model[key]) != str(metadata[key]):
+            raise ArtifactError(f"{model_path}: {key} is {metadata[key]} in the file but "
+                                f"{model[key]} in {manifest_path.name}; re-export the bundle")
 
 
 def _int(manifest_path: Path, value: Any, what: str) -> int:

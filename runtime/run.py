@@ -14,6 +14,7 @@ given.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from runtime.compare import compare_outputs, tolerance_failures
-from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError
+from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
 from runtime.images import amplitude_rgb, phase_rgb, save_png, upscale_nearest
-from runtime.manifest import ArtifactSpec, load_artifact
+from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
 from runtime.scan import ScanData
 from runtime.scan_stream import open_scan
 from runtime.session import (
@@ -50,8 +51,9 @@ from runtime.stitch import (
     to_complex,
 )
 
-__all__ = ["DEFAULT_BATCH", "RunUsageError", "auto_batch", "bytes_per_pattern", "choose_batch",
-           "make_runner", "run_scan", "run_self_check", "self_check_artifact"]
+__all__ = ["DEFAULT_BATCH", "RunUsageError", "auto_batch", "bytes_per_pattern",
+           "check_session_io", "choose_batch", "make_runner", "run_scan", "run_self_check",
+           "self_check_artifact"]
 
 # Batch size when it is neither given, fixed by the artifact, nor derivable from memory.
 DEFAULT_BATCH = 256
@@ -259,6 +261,7 @@ def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto"
     for FAIL, so a caller can print the table first)."""
     spec = load_artifact(artifact, check_golden=True)
     session, info = create_session(spec.model_path, provider, threads, device_id=device_id)
+    check_session_io(session, spec)
     result = run_self_check(spec, session, make_runner(session, info, spec))
     return {"artifact": _artifact_facts(spec), "provider": info.to_dict(), "self_check": result}
 
@@ -282,6 +285,65 @@ def check_scan(scan: ScanData, spec: ArtifactSpec, data_path: Path) -> None:
     if scan.n_patterns < spec.channels:
         raise DataError(f"{data_path}: {scan.n_patterns} pattern(s), but gridsize "
                         f"{spec.gridsize} groups {spec.channels} neighbours per sample")
+
+
+ORT_FLOAT = "tensor(float)"
+
+
+def check_session_io(session: Any, spec: ArtifactSpec) -> None:
+    """The model file must have the inputs and outputs its manifest declares: one float32
+    input of shape (batch, C, N, N) and float32 amplitude and phase outputs. A file whose
+    graph disagrees (a float64 input, another patch size, a model swapped in with the
+    manifest rehashed) is refused here, before any scan is fed to it."""
+    where = spec.model_path
+
+    def dims(value: Any) -> list[Any]:
+        return list(value.shape) if isinstance(value.shape, list | tuple) else []
+
+    inputs = list(session.get_inputs())
+    if len(inputs) != 1 or inputs[0].name != spec.input_name:
+        names = [i.name for i in inputs]
+        raise ArtifactError(f"{where}: the graph's inputs are {names} but {spec.manifest_path.name}"
+                            f" declares one input {spec.input_name!r}; re-export the model")
+    value = inputs[0]
+    if value.type != ORT_FLOAT:
+        raise ArtifactError(f"{where}: input {value.name!r} is {value.type} in the file but "
+                            f"{spec.manifest_path.name} declares float32; the runtime only "
+                            "feeds float32: re-export the model with ptycho-export")
+    want = [spec.batch if spec.batch is not None else None, spec.channels, spec.patch_size,
+            spec.patch_size]
+    got = dims(value)
+    fixed = [d if isinstance(d, int) and d > 0 else None for d in got]
+    if len(got) != 4 or any(w is not None and f is not None and w != f
+                            for w, f in zip(want, fixed, strict=True)):
+        raise ArtifactError(f"{where}: input {value.name!r} has shape {got} in the file but "
+                            f"{spec.manifest_path.name} declares {list(spec.input_shape)} "
+                            "(model swapped or manifest edited?); re-export the model")
+    outputs = {o.name: o for o in session.get_outputs()}
+    for name in ("amplitude", "phase"):
+        out = outputs.get(name)
+        if out is None:
+            raise ArtifactError(f"{where}: the graph has no output {name!r} (outputs: "
+                                f"{sorted(outputs)}) but {spec.manifest_path.name} lists it")
+        if out.type != ORT_FLOAT:
+            raise ArtifactError(f"{where}: output {name!r} is {out.type} in the file but "
+                                f"{spec.manifest_path.name} declares float32; re-export the "
+                                "model with ptycho-export")
+    get_meta = getattr(session, "get_modelmeta", None)
+    if get_meta is not None:  # absent only on test stand-ins
+        metadata = dict(get_meta().custom_metadata_map)
+        check_provenance(where, metadata, spec.manifest, spec.manifest_path)
+
+
+def _end_profile(session: Any, info: SessionInfo) -> None:
+    """Stop a profiling session that will not run, leaving no trace files behind."""
+    with contextlib.suppress(Exception):
+        trace = session.end_profiling()
+        if trace:
+            Path(trace).unlink(missing_ok=True)
+    if info.profile_dir is not None:
+        shutil.rmtree(info.profile_dir, ignore_errors=True)
+        info.profile_dir = None
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -399,6 +461,11 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     else:
         session, info = create_session(spec.model_path, provider, threads, profile=True,
                                        log_level=log_level, device_id=device_id)
+        try:
+            check_session_io(session, spec)
+        except BaseException:
+            _end_profile(session, info)
+            raise
         placement = None
     if batch is not None:
         batch_choice: dict[str, Any] = {
@@ -478,14 +545,19 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "files": list(OUTPUT_FILES),
     }
 
-    outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:  # the error names the folder the user asked for
+        raise naming(err, outdir) from err
     try:
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         _write_outputs(tmp, stitched, well_lit, report)
         _replace_dir(tmp, outdir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise naming(err, outdir) from err
         raise
     return report

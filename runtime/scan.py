@@ -19,8 +19,10 @@ pixels with the origin at the object array's corner; patch pixel (i, j) covers o
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import DataError
+from runtime.errors import ENVIRONMENT_ERRNOS, DataError, EnvironmentProblem, PtychoError
 
 AMPLITUDE_KEY = "diffraction"
 LEGACY_AMPLITUDE_KEY = "diff3d"
@@ -39,8 +41,13 @@ Y_KEY = "ycoords"
 OBJECT_KEY = "objectGuess"
 SCAN_INDEX_KEY = "scan_index"
 
-# Errors raised by np.load / NpzFile.__getitem__ on corrupt, truncated or pickled content.
-_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+# Errors raised by np.load / NpzFile.__getitem__ on corrupt, truncated or pickled content
+# (RuntimeError: an encrypted member; NotImplementedError: an unknown compression method;
+# MemoryError: a forged header that _check_member_size did not get to see; SyntaxError and
+# TokenError: numpy parses the .npy header text with Python's tokenizer).
+_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+                RuntimeError, NotImplementedError, MemoryError, SyntaxError,
+                tokenize.TokenError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +115,19 @@ def _check_finite(arr: np.ndarray, source: str, key: str, what: str, unit: str) 
         )
 
 
+def _narrow(arr: np.ndarray, dtype: Any, source: str, key: str, unit: str) -> np.ndarray:
+    """Convert finite ``arr`` to ``dtype``; values that overflow it are refused (a float64
+    1e39 is finite, but inf as complex64)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=dtype)
+    overflow = ~np.isfinite(out)  # the input is finite: anything else overflowed here
+    n_over = int(np.count_nonzero(overflow))
+    if n_over:
+        raise _fail(source, key, f"has {n_over} values beyond the {np.dtype(dtype)} range "
+                                 f"(first at {unit} {_first_index(overflow)})")
+    return out
+
+
 def _check_amplitudes(raw: Any, source: str, key: str) -> np.ndarray:
     arr = _as_array(raw, source, key)
     kind = arr.dtype.kind
@@ -142,8 +162,10 @@ def _check_amplitudes(raw: Any, source: str, key: str) -> np.ndarray:
     if n_rows == 0:
         raise _fail(source, key, f"has empty 0x0 patterns (shape {arr.shape})")
     _check_finite(arr, source, key, "amplitudes", "pattern")
-    # The one and only float conversion on the way in.
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    # The one and only float conversion on the way in (overflow is reported below, not
+    # warned about: a RuntimeWarning would be a second stderr line).
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
     if arr.dtype.itemsize > 4:
         overflow = ~np.isfinite(out)
         n_over = int(np.count_nonzero(overflow))
@@ -181,7 +203,7 @@ def _check_probe(raw: Any, n: int, source: str, key: str) -> np.ndarray:
         )
     _check_finite(arr, source, key, "the probe", "row")
     # A real probe is physically fine (flat phase): convert silently.
-    out = np.ascontiguousarray(arr, dtype=np.complex64)
+    out = _narrow(arr, np.complex64, source, key, "row")
     if not np.any(out):
         raise _fail(source, key, "is all zeros; the probe must illuminate something")
     return out
@@ -214,7 +236,7 @@ def _check_object(raw: Any, source: str, key: str) -> np.ndarray:
     if arr.size == 0:
         raise _fail(source, key, f"is empty (shape {arr.shape})")
     _check_finite(arr, source, key, "the object", "row")
-    return np.ascontiguousarray(arr, dtype=np.complex64)
+    return _narrow(arr, np.complex64, source, key, "row")
 
 
 def _check_scan_index(raw: Any, m: int, amp_key: str, source: str, key: str) -> np.ndarray:
@@ -299,7 +321,36 @@ def validate_scan(
 # --------------------------------------------------------------------------- file I/O
 
 
+def _check_member_size(npz: Any, key: str, source: str) -> None:
+    """Refuse a member whose .npy header declares more data than the member holds, before
+    numpy allocates the declared size (a forged 10**12-pattern header would otherwise
+    raise MemoryError, or reserve terabytes). Anything unreadable here is left to numpy,
+    which reports it."""
+    try:
+        archive = npz.zip
+        info = archive.getinfo(f"{key}.npy")
+        with archive.open(info) as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                return
+            header = handle.tell()
+    except Exception:  # noqa: BLE001 - numpy's own read below reports what is wrong
+        return
+    if dtype.hasobject:
+        return  # refused as pickled data by np.load itself
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size - header:
+        raise _fail(source, key, f"declares shape {tuple(shape)} of {dtype} ({declared:,} "
+                                 f"bytes) but holds {max(info.file_size - header, 0):,} bytes; "
+                                 "the file is truncated or its header is forged")
+
+
 def _read_key(npz: Any, key: str, source: str) -> np.ndarray:
+    _check_member_size(npz, key, source)
     try:
         return npz[key]
     except _READ_ERRORS as err:
@@ -400,7 +451,7 @@ def save_scan(path: str | os.PathLike[str], scan: ScanData) -> None:
         # os.open with mode 0o666 lets the umask decide permissions, like a plain open().
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as err:
-        raise DataError(f"{target}: cannot write scan file ({err.strerror or err})") from err
+        raise _write_error(target, err) from err
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
@@ -410,5 +461,15 @@ def save_scan(path: str | os.PathLike[str], scan: ScanData) -> None:
     except BaseException as err:
         tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
-            raise DataError(f"{target}: cannot write scan file ({err.strerror or err})") from err
+            raise _write_error(target, err) from err
         raise
+
+
+def _write_error(target: Path, err: OSError) -> PtychoError:
+    """Disk full or not writable is the machine's problem (exit 4); a missing folder or a
+    name that is a folder is the command line's (exit 3)."""
+    if err.errno in ENVIRONMENT_ERRNOS:
+        return EnvironmentProblem(f"{target}: cannot write scan file ({err.strerror or err}); "
+                                  "free some space or choose a writable folder; any previous "
+                                  "file is intact")
+    return DataError(f"{target}: cannot write scan file ({err.strerror or err})")

@@ -22,6 +22,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
@@ -57,11 +58,21 @@ _LOCAL_MAGIC = b"PK\x03\x04"
 def memmap_npz_member(path: str | os.PathLike[str], key: str) -> np.memmap | None:
     """Member ``key`` of an ``.npz`` as a read-only np.memmap, or None where it cannot be.
 
-    Only a member stored uncompressed and unencrypted, whose ``.npy`` header (format 1.0
-    or 2.0) names a native-endian float32, C-ordered array whose bytes exactly fill the
-    member, is mapped; None means "read it the ordinary way" (also for a missing member or
-    a file that is not a zip archive: the ordinary reader reports those).
+    Only a member stored uncompressed and unencrypted, whose local header names it as the
+    central directory does and whose ``.npy`` header (format 1.0 or 2.0) names a
+    native-endian float32, C-ordered array whose bytes exactly fill the member, is mapped;
+    None means "read it the ordinary way" (also for a missing member or a file that is not
+    a zip archive: the ordinary reader reports those).
     """
+    found = _mapped_member(path, key)
+    return None if found is None else found[0]
+
+
+def _mapped_member(path: str | os.PathLike[str], key: str
+                   ) -> tuple[np.memmap, tuple[int, int]] | None:
+    """(memmap, (crc32 of the member's .npy header, the member's recorded crc32)): the
+    zip reader checks every member's CRC, so the mapped path checks it too, as it reads
+    the data chunk by chunk (:func:`check_amplitudes_chunked`)."""
     source = os.fspath(path)
     try:
         with zipfile.ZipFile(source) as archive:
@@ -77,8 +88,9 @@ def memmap_npz_member(path: str | os.PathLike[str], key: str) -> np.memmap | Non
             if len(raw) != _LOCAL_HEADER.size:
                 return None
             fields = _LOCAL_HEADER.unpack(raw)
-            if fields[0] != _LOCAL_MAGIC:
-                return None
+            if fields[0] != _LOCAL_MAGIC or fields[9] != len(info.orig_filename.encode()) \
+                    or handle.read(fields[9]) != info.orig_filename.encode():
+                return None  # the zip reader refuses such an archive: let it say why
             start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
             handle.seek(start)
             version = np.lib.format.read_magic(handle)
@@ -89,7 +101,9 @@ def memmap_npz_member(path: str | os.PathLike[str], key: str) -> np.memmap | Non
             else:
                 return None
             offset = handle.tell()
-    except (OSError, ValueError, EOFError):
+            handle.seek(start)
+            header_crc = zlib.crc32(handle.read(offset - start))
+    except Exception:  # noqa: BLE001 - any oddity: load_scan reads it and says what it is
         return None
     if dtype != np.dtype(np.float32) or fortran or len(shape) != 3 or 0 in shape:
         return None
@@ -97,24 +111,32 @@ def memmap_npz_member(path: str | os.PathLike[str], key: str) -> np.memmap | Non
     if offset - start + nbytes != info.file_size or offset + nbytes > os.path.getsize(source):
         return None
     try:
-        return np.memmap(source, dtype=np.float32, mode="r", offset=offset, shape=tuple(shape))
+        mapped = np.memmap(source, dtype=np.float32, mode="r", offset=offset,
+                           shape=tuple(shape))
     except (OSError, ValueError):
         return None
+    return mapped, (header_crc, info.CRC)
 
 
 def check_amplitudes_chunked(amplitudes: np.ndarray, source: str, key: str,
-                             chunk_bytes: int = CHECK_CHUNK_BYTES) -> None:
+                             chunk_bytes: int = CHECK_CHUNK_BYTES,
+                             crc: tuple[int, int] | None = None) -> None:
     """The contract's finite and non-negative checks on (M, N, N) float32 amplitudes, a
     block of patterns at a time, with :func:`runtime.scan.load_scan`'s messages (counts
-    and first pattern over the whole stack)."""
+    and first pattern over the whole stack). ``crc`` = (crc32 so far, expected crc32 of
+    the whole member): the data's crc32 is accumulated on the way and a mismatch is
+    refused as the zip reader refuses it (a damaged or edited file)."""
     m = int(amplitudes.shape[0])
     per_pattern = max(1, math.prod(amplitudes.shape[1:]) * amplitudes.dtype.itemsize)
     step = max(1, chunk_bytes // per_pattern)
     n_bad = n_neg = 0
     first_bad = first_neg = -1
     lowest = math.inf
+    running = None if crc is None else crc[0]
     for start in range(0, m, step):
         block = np.asarray(amplitudes[start : start + step])
+        if running is not None:
+            running = zlib.crc32(np.ascontiguousarray(block), running)
         flags = np.isfinite(block)
         np.logical_not(flags, out=flags)
         count = int(np.count_nonzero(flags))
@@ -127,6 +149,9 @@ def check_amplitudes_chunked(amplitudes: np.ndarray, source: str, key: str,
             n_neg += count
             first_neg = first_neg if first_neg >= 0 else start + _first_index(flags)
             lowest = min(lowest, float(block[flags].min()))
+    if crc is not None and running != crc[1]:
+        raise _fail(source, key, f"cannot be read (BadZipFile: Bad CRC-32 for file "
+                                 f"'{key}.npy')")
     if n_bad:
         raise _fail(source, key, f"has {n_bad} NaN/Inf values (first at pattern {first_bad}); "
                                  "amplitudes must be finite")
@@ -167,16 +192,17 @@ def open_scan(path: str | os.PathLike[str], *, chunk_bytes: int = CHECK_CHUNK_BY
     archive stores them uncompressed as float32 (``isinstance(scan.amplitudes,
     np.memmap)`` tells); same validation, same errors, other files read as before."""
     source = os.fspath(path)
-    amp_key, amplitudes = AMPLITUDE_KEY, memmap_npz_member(source, AMPLITUDE_KEY)
-    if amplitudes is None and f"{AMPLITUDE_KEY}.npy" not in _member_names(source):
+    amp_key, found = AMPLITUDE_KEY, _mapped_member(source, AMPLITUDE_KEY)
+    if found is None and f"{AMPLITUDE_KEY}.npy" not in _member_names(source):
         amp_key = LEGACY_AMPLITUDE_KEY
-        amplitudes = memmap_npz_member(source, amp_key)
-    if amplitudes is None or amplitudes.shape[1] != amplitudes.shape[2]:
+        found = _mapped_member(source, amp_key)
+    if found is None or found[0].shape[1] != found[0].shape[2]:
         return load_scan(source)
+    amplitudes, crc = found
     arrays = _small_keys(source, amp_key)
     if arrays is None:
         return load_scan(source)
-    check_amplitudes_chunked(amplitudes, source, amp_key, chunk_bytes)
+    check_amplitudes_chunked(amplitudes, source, amp_key, chunk_bytes, crc)
     m, n = int(amplitudes.shape[0]), int(amplitudes.shape[-1])
     probe = _check_probe(arrays[PROBE_KEY], n, source, PROBE_KEY)
     x = _check_coords(arrays[X_KEY], m, amp_key, source, X_KEY)

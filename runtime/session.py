@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -94,6 +95,24 @@ class SessionInfo:
 def _one_line(text: str, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _too_new_for(message: str) -> str | None:
+    """What makes a model too new for this onnxruntime (opset, IR version), or None.
+
+    onnxruntime's own text starts with a C++ source location and signature; the user needs
+    the number and the fix, so only those are kept."""
+    found = re.search(r"Opset (\d+) is under development", message)
+    if found:
+        return f"the model needs ONNX opset {found.group(1)}"
+    found = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)",
+                      message)
+    if found:
+        return (f"the model has ONNX IR version {found.group(1)} (this onnxruntime reads up to "
+                f"{found.group(2)})")
+    if "opset" in message.lower() or "ir version" in message.lower():
+        return f"the model's ONNX opset or IR version is not supported ({_one_line(message)})"
+    return None
 
 
 def installed_ort_distributions() -> dict[str, str]:
@@ -206,14 +225,16 @@ def _build(ort: ModuleType, model_path: Path, name: str, available: list[str],
                                            enable_fallback=0)
         except Exception as err:  # onnxruntime's pybind errors do not share a base class
             reason = _one_line(str(err))
+            too_new = _too_new_for(str(err))
+            if too_new is not None:  # the same on every provider: not a CUDA problem
+                raise EnvironmentProblem(
+                    f"{model_path}: {too_new}, which onnxruntime {ort.__version__} cannot "
+                    "run; upgrade onnxruntime (pip install -U onnxruntime), or re-export with "
+                    "ptycho-export's default --opset 20") from err
             if name != "cpu":
                 raise EnvironmentProblem(
                     f"--provider {name}: onnxruntime could not start {ep}: {reason} (check "
                     "that the CUDA/cuDNN majors match this onnxruntime-gpu build)") from err
-            if "opset" in reason.lower() or "ir version" in reason.lower():
-                raise EnvironmentProblem(
-                    f"onnxruntime {ort.__version__} cannot load {model_path}: {reason}; "
-                    "upgrade onnxruntime") from err
             raise ArtifactError(f"{model_path}: onnxruntime cannot load it: {reason}") from err
         actual = session.get_providers()
         if not actual or actual[0] != ep:

@@ -50,7 +50,7 @@ from ptycho_export.parity import (
     torchscript_runner,
 )
 from runtime.compare import DEFAULT_TOLERANCES
-from runtime.errors import ParityError
+from runtime.errors import ParityError, naming
 
 MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
@@ -262,9 +262,12 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     shape = [b, *golden.shape[1:]]
     sample_out = tuple(golden.shape[1:]) if output_sample_shape is None else output_sample_shape
     out_shape = [b, *sample_out]
-    outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as err:  # the error names the folder the user asked for
+        raise naming(err, outdir) from err
     try:
         artifacts: dict[str, dict[str, Any]] = {}
         candidates = []
@@ -347,9 +350,11 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / "manifest.json", manifest)
         _replace_dir(tmp, outdir)
-    except BaseException:
+    except BaseException as err:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):  # disk full mid-write: name the output, not a temp file
+            raise naming(err, outdir) from err
         raise
     return ExportResult(outdir=outdir, manifest=manifest, rows=rows,
                         seconds=time.perf_counter() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 PRESETS: dict[str, tuple[int, ...]] = {
@@ -48,11 +49,24 @@ class ModelConfig:
         missing = known - set(values)
         if missing:
             raise KeyError(f"model config is missing {sorted(missing)}")
+        def integer(key: str, value: object) -> int:
+            # int(32.7) == 32 and int(True) == 1 would build some other model silently
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"model {key} is {value!r}; expected an integer")
+            return value
+
+        widths = values["widths"]
+        if not isinstance(widths, list | tuple):
+            raise ValueError(f"model widths is {widths!r}; expected a list of integers")
+        amp_max = values["amp_max"]
+        if isinstance(amp_max, bool) or not isinstance(amp_max, int | float) \
+                or not math.isfinite(amp_max) or amp_max <= 0:
+            raise ValueError(f"model amp_max is {amp_max!r}; expected a finite number > 0")
         return cls(
-            patch_size=int(values["patch_size"]),
-            gridsize=int(values["gridsize"]),
-            widths=tuple(int(w) for w in values["widths"]),
-            amp_max=float(values["amp_max"]),
+            patch_size=integer("patch_size", values["patch_size"]),
+            gridsize=integer("gridsize", values["gridsize"]),
+            widths=tuple(integer("widths", w) for w in widths),
+            amp_max=float(amp_max),
         )
 
     @classmethod
