@@ -9,6 +9,8 @@ import typer
 
 from cli.common import run_guarded
 from runtime.errors import ArtifactError, DataError
+from runtime.inputs import InputOptions
+from runtime.run import RunUsageError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -57,11 +59,58 @@ def run_command(
                                                 "(default: onnxruntime's choice).")] = None,
     self_check: Annotated[bool, typer.Option(help="Run golden.npz through the session first "
                                              "and stop on a mismatch.")] = True,
+    data_kind: Annotated[str | None, typer.Option(
+        rich_help_panel="Input data",
+        help="What the frames hold: counts (raw detector counts; cast to float, then sqrt) "
+        "or amplitude (sqrt of counts, the npz contract). Default: amplitude for npz, "
+        "counts for a ptychodus input folder; required for HDF5.")] = None,
+    hdf5_diffraction: Annotated[str, typer.Option(
+        rich_help_panel="Input data", help="HDF5 dataset of the frames (P, H, W).")
+                                ] = "/entry/data/data",
+    hdf5_x: Annotated[str | None, typer.Option(
+        rich_help_panel="Input data", help="HDF5 dataset of x positions.")] = None,
+    hdf5_y: Annotated[str | None, typer.Option(
+        rich_help_panel="Input data", help="HDF5 dataset of y positions.")] = None,
+    hdf5_probe: Annotated[str | None, typer.Option(
+        rich_help_panel="Input data", help="HDF5 dataset of the complex probe (optional).")
+                          ] = None,
+    hdf5_bad_pixels: Annotated[str | None, typer.Option(
+        rich_help_panel="Input data", help="HDF5 bad-pixel mask (H, W); set to 0.")] = None,
+    position_units: Annotated[str, typer.Option(
+        rich_help_panel="Input data", help="HDF5 positions in px (object pixels) or m.")
+                              ] = "px",
+    origin_convention: Annotated[str, typer.Option(
+        rich_help_panel="Input data",
+        help="What a position marks: centre (patch pixel N/2, this project's contract), "
+        "corner (top-left pixel) or centre-half ((N-1)/2).")] = "centre",
+    pixel_size_m: Annotated[float | None, typer.Option(
+        rich_help_panel="Input data", help="Object pixel size in metres.")] = None,
+    energy_ev: Annotated[float | None, typer.Option(
+        rich_help_panel="Input data",
+        help="Photon energy; with --distance-m and --detector-pixel-m gives the object "
+        "pixel size lambda z / (N d).")] = None,
+    distance_m: Annotated[float | None, typer.Option(
+        rich_help_panel="Input data", help="Sample-detector distance in metres.")] = None,
+    detector_pixel_m: Annotated[float | None, typer.Option(
+        rich_help_panel="Input data", help="Detector pixel size in metres.")] = None,
+    ptychodus_product: Annotated[Path | None, typer.Option(
+        rich_help_panel="ptychodus",
+        help="Also write a ptychodus product (.h5 or .npz): object with its pixel geometry "
+        "and centre, probe, positions, metadata. Needs the pixel size (and energy/distance "
+        "unless the input is a ptychodus folder).")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks and "
                                           "onnxruntime warnings.")] = False,
 ) -> None:
     """Reconstruct a scan with an exported model, without torch."""
+
+    def _inputs() -> InputOptions:
+        return InputOptions(
+            data_kind=data_kind, hdf5_diffraction=hdf5_diffraction, hdf5_x=hdf5_x,
+            hdf5_y=hdf5_y, hdf5_probe=hdf5_probe, hdf5_bad_pixels=hdf5_bad_pixels,
+            position_units=position_units, origin_convention=origin_convention,
+            pixel_size_m=pixel_size_m, energy_ev=energy_ev, distance_m=distance_m,
+            detector_pixel_m=detector_pixel_m, ptychodus_product=ptychodus_product)
 
     def _run_several(files: list[Path]) -> None:
         from rich.console import Console
@@ -69,8 +118,11 @@ def run_command(
 
         from runtime.many import run_many, summary_rows
 
+        if ptychodus_product is not None:
+            raise RunUsageError("--ptychodus-product names one file: use it with one scan")
         options = {"provider": provider, "batch_size": batch_size, "threads": threads,
-                   "self_check": self_check, "subpixel": subpixel, "device_id": device_id}
+                   "self_check": self_check, "subpixel": subpixel, "device_id": device_id,
+                   "inputs": _inputs()}
         outcomes = run_many(artifact, files, output or Path("."), options, scheduler,
                             retries, log=typer.echo)
         table = Table(title=f"{len(outcomes)} scans"
@@ -108,7 +160,7 @@ def run_command(
         report = run_scan(artifact, single, outdir, provider=provider, batch_size=batch_size,
                           threads=threads, self_check=self_check, progress=progress,
                           log_level=2 if verbose else 3, subpixel=subpixel,
-                          device_id=device_id)
+                          device_id=device_id, inputs=_inputs())
         info = report["provider"]
         counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
         typer.echo(f"provider: {info['provider']} ({info['ep']}; nodes {counts})")
@@ -126,6 +178,9 @@ def run_command(
             _echo_self_check(report["self_check"])
         files = ", ".join(report["files"])
         typer.echo(f"wrote {outdir}/ ({files})")
+        if report.get("ptychodus_product"):
+            typer.echo(f"ptychodus product: {report['ptychodus_product']} (a product.h5 in "
+                       "ptychodus's watched output folder is opened automatically)")
 
     run_guarded(body, verbose)
 

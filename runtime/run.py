@@ -32,9 +32,14 @@ from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
 from runtime.images import amplitude_rgb, phase_rgb, save_png, upscale_nearest
+from runtime.inputs import (
+    InputOptions,
+    check_product_options,
+    open_input,
+    write_ptychodus_product,
+)
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
 from runtime.scan import ScanData
-from runtime.scan_stream import open_scan
 from runtime.session import (
     IOBindingRunner,
     SessionInfo,
@@ -424,8 +429,8 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
              self_check: bool = False, progress: bool = True,
              log_level: int = 3, subpixel: str | None = None,
              device_id: int = 0,
-             session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None
-             ) -> dict[str, Any]:
+             session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None,
+             inputs: InputOptions | None = None) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
@@ -435,14 +440,20 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     dynamic-batch artifact defaults to :func:`auto_batch`'s choice. ``session_cache`` (a
     dict owned by the caller, e.g. one per Dask worker) lets many scans reuse one
     onnxruntime session per artifact and provider instead of building one per scan.
+    ``inputs`` says how to read data that is not an amplitude npz (counts, HDF5, a
+    ptychodus input folder, other position conventions) and whether to write a ptychodus
+    product (see runtime.inputs).
     """
     started = time.perf_counter()
     data_path, outdir = Path(data_path), Path(outdir)
     if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
         raise RunUsageError(f"--device-id must be an integer >= 0, got {device_id!r}")
     spec = load_artifact(artifact, check_golden=self_check)
-    scan = open_scan(data_path)
+    inputs = inputs or InputOptions()
+    loaded = open_input(data_path, inputs, spec.patch_size)
+    scan = loaded.scan
     check_scan(scan, spec, data_path)
+    check_product_options(inputs, loaded)
     batch = resolve_batch(spec, batch_size)
     method, method_why = _resolve_subpixel(subpixel, scan.positions_px)
     check_outdir(outdir, spec, data_path)
@@ -483,7 +494,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         if session_cache is not None:
             session_cache[cache_key] = (session, info, placement)
     node_counts = {p: sum(ops.values()) for p, ops in placement.items()}
-    warnings = []
+    warnings = list(loaded.warnings)
     off_ep = {p: ops for p, ops in placement.items() if p != info.ep}
     if off_ep and info.provider != "cpu":
         warnings.append("nodes not on " + info.ep + ": " + "; ".join(
@@ -522,7 +533,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "artifact": _artifact_facts(spec),
         "data": {"file": str(data_path), "name": data_path.name,
                  "size": data_path.stat().st_size, "patterns": scan.n_patterns,
-                 "memory_mapped": isinstance(scan.amplitudes, np.memmap)},
+                 "memory_mapped": isinstance(scan.amplitudes, np.memmap), **loaded.report},
         "provider": info.to_dict(),
         "node_counts": node_counts,
         "node_ops": placement,
@@ -543,6 +554,8 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "self_check": check if check is not None else {"status": "SKIPPED"},
         "outdir": str(outdir),
         "files": list(OUTPUT_FILES),
+        "ptychodus_product": None if inputs.ptychodus_product is None
+        else str(inputs.ptychodus_product),
     }
 
     tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -560,4 +573,6 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         if isinstance(err, OSError):
             raise naming(err, outdir) from err
         raise
+    # After the swap, so a product path inside the output folder survives it.
+    write_ptychodus_product(inputs, loaded, stitched, data_path, spec.model_sha256)
     return report
