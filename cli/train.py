@@ -33,6 +33,9 @@ def train_command(
     devices: Annotated[str, typer.Option(help="Lightning devices: auto, 1, 2, ...")] = "auto",
     strategy: Annotated[str, typer.Option(help="Lightning strategy: auto, ddp, ...")] = "auto",
     num_nodes: Annotated[int, typer.Option(min=1)] = 1,
+    pixel_size_m: Annotated[float | None, typer.Option(
+        help="Object pixel size in metres (lambda z / (N d)); recorded in the bundle and "
+        "the export manifest for tools that place the output.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Checkpoints, logs, loss curve, "
                                                  "quality report. Default: <bundle>_run/")
                        ] = None,
@@ -52,7 +55,7 @@ def train_command(
             epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, preset=preset,
             gridsize=gridsize, loss=loss, val_fraction=val_fraction, seed=seed,
             accelerator=accelerator, devices=parsed_devices, strategy=strategy,
-            num_nodes=num_nodes, progress=progress, resume=resume)
+            num_nodes=num_nodes, progress=progress, resume=resume, pixel_size_m=pixel_size_m)
         result = train(data, output, run_dir, options)
         typer.echo(f"bundle: {result.bundle_path}  ({result.seconds:.0f} s)")
         typer.echo(f"run folder: {result.run_dir} (loss_curve.png, quality.json, checkpoints/)")

@@ -21,6 +21,7 @@ from ptycho_export.export.pipeline import ExportOptions, export_bundle
 from ptycho_export.reconstruct import quality_report, reconstruct_eager
 from ptycho_export.train import TrainOptions, train
 from runtime.images import amplitude_rgb, phase_rgb, save_comparison_png, upscale_nearest
+from runtime.inputs import InputOptions
 from runtime.metrics import align_to_reference
 from runtime.run import run_scan
 from runtime.scan import save_scan
@@ -35,6 +36,10 @@ class DemoSettings:
     preset: str = "small"
     batch_size: int = 16
     seed: int = 0
+    # Beam geometry of the simulated scan, for the ptychodus product the demo writes.
+    pixel_size_m: float = 10e-9
+    energy_ev: float = 8000.0
+    distance_m: float = 2.0
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -79,7 +84,8 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
     started = time.perf_counter()
     options = TrainOptions(epochs=settings.epochs, preset=settings.preset,
                            batch_size=settings.batch_size, seed=settings.seed,
-                           accelerator="cpu", devices=1, progress=progress)
+                           accelerator="cpu", devices=1, progress=progress,
+                           pixel_size_m=settings.pixel_size_m)
     result = train(out / "scan.npz", out / "bundle.zip", out / "run", options, scan=scan)
     timings["train_s"] = time.perf_counter() - started
     log(f"[2/5] trained {settings.epochs} epochs in {timings['train_s']:.0f} s "
@@ -117,15 +123,21 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
         f"{timings['export_s']:.0f} s -> {out / 'export'}")
 
     started = time.perf_counter()
+    product = out / "run_onnx" / "product.h5"
     run_report = run_scan(out / "export", out / "scan.npz", out / "run_onnx", provider="auto",
-                          self_check=True, progress=progress)
+                          self_check=True, progress=progress,
+                          inputs=InputOptions(pixel_size_m=settings.pixel_size_m,
+                                              energy_ev=settings.energy_ev,
+                                              distance_m=settings.distance_m,
+                                              ptychodus_product=product))
     timings["runtime_s"] = time.perf_counter() - started
     with np.load(out / "run_onnx" / "object.npz", allow_pickle=False) as frozen:
         stitched_parity = object_parity(stitched.obj, frozen["object"], recon.well_lit)
     log(f"[5/5] ptycho-run on {run_report['provider']['provider']}: "
         f"{run_report['patterns_per_s']:,.0f} patterns/s, self-check "
         f"{run_report['self_check']['status']}; stitched object vs eager: max error "
-        f"{stitched_parity['rel_max']:.1e} of max -> {out / 'run_onnx'}")
+        f"{stitched_parity['rel_max']:.1e} of max -> {out / 'run_onnx'} (with a ptychodus "
+        f"product.h5)")
 
     report = {"settings": asdict(settings), "timings": timings, "quality": quality,
               "stitched_parity_onnx_vs_eager": stitched_parity,

@@ -46,6 +46,7 @@ class TrainOptions:
     strategy: str = "auto"
     num_nodes: int = 1
     golden_count: int = 8
+    pixel_size_m: float | None = None  # object pixel size, recorded for downstream tools
     progress: bool = True
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -221,7 +222,8 @@ def train(
             | {"epochs_run": trainer.current_epoch, "history": history.rows},
             data={"source": Path(scan.source).name if scan.source else "<memory>",
                   "sha256": sha256_file(data_path) if data_path else None,
-                  "n_patterns": scan.n_patterns, "patch_size": scan.patch_size},
+                  "n_patterns": scan.n_patterns, "patch_size": scan.patch_size,
+                  "pixel_size_m": options.pixel_size_m},
         )
         if history.rows:
             save_loss_curve(run / "loss_curve.png", history.rows, options.loss)

@@ -344,3 +344,17 @@ def test_bad_options_are_usage_errors(tiny_bundle: Path, tmp_path: Path,
         export_bundle(tiny_bundle, tmp_path / "out", options)
     assert caught.value.exit_code == EXIT_USAGE
     assert list(tmp_path.iterdir()) == []
+
+
+def test_manifest_carries_the_training_probe_and_geometry(exported: Path, manifest: dict,
+                                                         tiny_bundle: Path) -> None:
+    from ptycho_export.bundle import read_bundle
+
+    bundle = read_bundle(tiny_bundle)
+    probe = np.load(exported / "probe.npy", allow_pickle=False)
+    np.testing.assert_array_equal(probe, bundle.probe)
+    assert manifest["probe"]["file"] == "probe.npy" and "probe.npy" in manifest["files"]
+    assert manifest["geometry"]["patch_size"] == bundle.config.patch_size
+    assert "N/2" in manifest["geometry"]["origin_convention"]
+    assert manifest["geometry"]["object_pixel_size_m"] == bundle.data.get("pixel_size_m")
+    assert manifest["normalization"]["amplitude_scale"] == bundle.normalization.amplitude_scale

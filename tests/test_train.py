@@ -123,7 +123,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
                       log=lines.append)
     for name in ("scan.npz", "bundle.zip", "amplitude.png", "phase.png", "object_eager.npz",
                  "demo_report.json", "export/model.onnx", "export/manifest.json",
-                 "run_onnx/object.npz",
+                 "run_onnx/object.npz", "run_onnx/product.h5", "export/probe.npy",
                  "run_onnx/amplitude.png"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert report["quality"]["ground_truth"] is True

@@ -6,6 +6,8 @@ A failed gate leaves nothing in the output folder but the failure report.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import logging
 import math
@@ -238,7 +240,8 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                   program: torch.export.ExportedProgram | None = None,
                   output_sample_shape: tuple[int, ...] | None = None,
                   extra: PhysicsHook | None = None, log=None,  # noqa: ANN001
-                  started: float | None = None) -> ExportResult:
+                  started: float | None = None,
+                  extra_files: dict[str, bytes] | None = None) -> ExportResult:
     """freeze -> audit -> parity gate -> manifest for any linted float32 module with one
     input (`INPUT_NAME`) and the outputs `OUTPUT_NAMES`, written atomically to `outdir`.
 
@@ -246,7 +249,8 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     default `eager_runner(reference)`), `exact` an optional float64 runner (informational
     rows), `program` what ONNX and .pt2 are made from
     (default: `linted.exported`; a rewritten program for foreign modules), `extra` a hook
-    that adds one more artifact with its own parity rows (the physics graph).
+    that adds one more artifact with its own parity rows (the physics graph),
+    `extra_files` files written beside the artifacts (hashed in the manifest like them).
     `manifest_fields` (source, model, inputs, outputs, ...) are merged into the manifest.
     """
     log = log or (lambda message: None)
@@ -333,6 +337,8 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
                  **{k: v.astype(np.float32) for k, v in golden_out.items()})
         (tmp / "parity.md").write_text(table + "\n")
+        for name, blob in (extra_files or {}).items():
+            (tmp / name).write_bytes(blob)
         manifest = {
             "format": MANIFEST_FORMAT, "format_version": MANIFEST_VERSION,
             "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -426,9 +432,20 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
         "origin_convention": ORIGIN_CONVENTION,
         "fft": {"implementation": "dft-matmul (training physics)", "norm": "ortho",
                 "shift": "centred (fftshift)"},
-        "probe_sha256": __import__("hashlib").sha256(bundle.probe.tobytes()).hexdigest(),
+        "probe_sha256": hashlib.sha256(bundle.probe.tobytes()).hexdigest(),
+        "probe": {"file": "probe.npy", "dtype": "complex64", "shape": [n, n],
+                  "sha256_of_values": hashlib.sha256(bundle.probe.tobytes()).hexdigest(),
+                  "meaning": "probeGuess the model was trained with; the training physics "
+                             "used it times normalization.probe_scale"},
+        "geometry": {"patch_size": n, "origin_convention": ORIGIN_CONVENTION,
+                     "object_pixel_size_m": bundle.data.get("pixel_size_m"),
+                     "pixel_size_note": "object pixel = lambda z / (N * detector pixel); "
+                                        "null when training did not record it"},
     }
+    probe_buffer = io.BytesIO()
+    np.save(probe_buffer, bundle.probe.astype(np.complex64), allow_pickle=False)
     exact = eager_runner(wrapper, (INPUT_NAME,), OUTPUT_NAMES, dtype=torch.float64)
     return export_module(wrapper, linted, golden, outdir, options, metadata=metadata,
                          manifest_fields=manifest_fields, exact=exact, extra=physics,
-                         log=log, started=started)
+                         log=log, started=started,
+                         extra_files={"probe.npy": probe_buffer.getvalue()})
