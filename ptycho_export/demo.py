@@ -32,7 +32,7 @@ from runtime.stitch import crop_to
 class DemoSettings:
     patch_size: int = 64
     grid_shape: tuple[int, int] = (20, 20)
-    epochs: int = 40
+    epochs: int = 80
     preset: str = "small"
     batch_size: int = 16
     seed: int = 0
