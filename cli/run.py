@@ -1,4 +1,5 @@
-"""ptycho-run ARTIFACT DATA.npz -o OUTDIR  (torch-free: numpy + onnxruntime only)"""
+"""ptycho-run ARTIFACT DATA.npz -o OUTDIR  (torch-free: numpy + onnxruntime only; an
+artifact's model.ts runs with TorchScript where torch is installed)"""
 
 from __future__ import annotations
 
@@ -26,10 +27,28 @@ def _echo_self_check(result: dict[str, Any]) -> None:
         typer.echo(f"  FAIL {failure}")
 
 
+def _echo_quality(quality: dict[str, Any]) -> None:
+    """One line against objectGuess, when the scan has one (report.json has every metric)."""
+    model, flat = quality.get("model"), quality.get("flat_baseline")
+    if not model or not flat:
+        return
+
+    def num(value: Any, fmt: str) -> str:
+        return "inf" if value is None else format(value, fmt)
+
+    typer.echo(f"vs objectGuess (global factor and phase ramp removed, "
+               f"{quality['scored_pixels']} well-lit px): phase rmse "
+               f"{num(model['phase_rmse_rad'], '.3f')} rad (flat baseline "
+               f"{num(flat['phase_rmse_rad'], '.3f')}), amplitude PSNR "
+               f"{num(model['amplitude_psnr_db'], '.1f')} dB (flat "
+               f"{num(flat['amplitude_psnr_db'], '.1f')})")
+
+
 @app.command()
 def run_command(
-    artifact: Annotated[Path, typer.Argument(help="Exported artifact folder (or its model.onnx) "
-                                             "with manifest.json.")],
+    artifact: Annotated[Path, typer.Argument(help="Exported artifact folder with manifest.json, "
+                                             "or its model.onnx, or its model.ts (TorchScript, "
+                                             "needs torch).")],
     data: Annotated[list[str] | None, typer.Argument(
         help="Scan(s) in the npz data contract: one file, several, or quoted globs "
         "('night/*.npz'). Leave out to run only the self-check.")] = None,
@@ -43,7 +62,12 @@ def run_command(
     retries: Annotated[int, typer.Option(min=0, help="Retries of a failed scan before it is "
                                          "reported failed (several scans).")] = 1,
     provider: Annotated[str, typer.Option(help="cpu, cuda, tensorrt or auto (best available; "
-                                          "the report says which ran).")] = "auto",
+                                          "the report says which ran). TorchScript: cpu, "
+                                          "cuda or auto.")] = "auto",
+    model_format: Annotated[str, typer.Option(
+        "--format", help="Which model file of the artifact to run: onnx (model.onnx, "
+        "onnxruntime) or torchscript (model.ts, needs torch). auto: the file given as "
+        "ARTIFACT, else onnx.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Patterns per inference call (dynamic-batch artifacts). Default: the "
         "largest power of two <= 1024 that fits the free memory (report.json says why).")
@@ -122,7 +146,7 @@ def run_command(
             raise RunUsageError("--ptychodus-product names one file: use it with one scan")
         options = {"provider": provider, "batch_size": batch_size, "threads": threads,
                    "self_check": self_check, "subpixel": subpixel, "device_id": device_id,
-                   "inputs": _inputs()}
+                   "inputs": _inputs(), "model_format": fmt}
         outcomes = run_many(artifact, files, output or Path("."), options, scheduler,
                             retries, log=typer.echo)
         table = Table(title=f"{len(outcomes)} scans"
@@ -137,14 +161,17 @@ def run_command(
             raise DataError(f"{len(failed)} of {len(outcomes)} scans failed; first: "
                             f"{Path(failed[0].data).name}: {failed[0].error}")
 
+    fmt = None if model_format == "auto" else model_format
+
     def body() -> None:
         from runtime.many import expand_inputs
         from runtime.run import run_scan, self_check_artifact
 
         if data is None:
-            result = self_check_artifact(artifact, provider, threads, device_id)
+            result = self_check_artifact(artifact, provider, threads, device_id, fmt)
             info = result["provider"]
-            typer.echo(f"artifact: {result['artifact']['folder']} (sha256 verified)")
+            facts = result["artifact"]
+            typer.echo(f"artifact: {facts['folder']} ({facts['model']} sha256 verified)")
             typer.echo(f"provider: {info['provider']} ({info['ep']})")
             _echo_self_check(result["self_check"])
             if result["self_check"]["status"] != "PASS":
@@ -160,10 +187,12 @@ def run_command(
         report = run_scan(artifact, single, outdir, provider=provider, batch_size=batch_size,
                           threads=threads, self_check=self_check, progress=progress,
                           log_level=2 if verbose else 3, subpixel=subpixel,
-                          device_id=device_id, inputs=_inputs())
+                          device_id=device_id, inputs=_inputs(), model_format=fmt)
         info = report["provider"]
         counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
-        typer.echo(f"provider: {info['provider']} ({info['ep']}; nodes {counts})")
+        runtime_name = "" if info.get("runtime", "onnxruntime") == "onnxruntime" else \
+            f"{info['runtime_version']}, "
+        typer.echo(f"provider: {info['provider']} ({runtime_name}{info['ep']}; nodes {counts})")
         for name, why in info.get("skipped", {}).items():
             typer.echo(f"  skipped {name}: {why}")
         for warning in report["warnings"]:
@@ -176,6 +205,7 @@ def run_command(
                    f"{stitch['subpixel']} ({stitch['subpixel_reason']}), crop {stitch['crop']}")
         if self_check:
             _echo_self_check(report["self_check"])
+        _echo_quality(report.get("quality") or {})
         files = ", ".join(report["files"])
         typer.echo(f"wrote {outdir}/ ({files})")
         if report.get("ptychodus_product"):

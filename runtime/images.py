@@ -5,6 +5,12 @@ wash the image out. Phase uses a cyclic colour map, because phase wraps: -pi and
 the same value and must get the same colour, or every wrap would draw a false edge.
 Unvisited pixels get one fixed dark blue-grey, distinct from any grey level and from the
 phase map's colours, so "not scanned" never reads as "zero".
+
+:func:`amplitude_figure` and :func:`phase_figure` add a labelled colour bar beside the
+image (what ptycho-run writes): amplitude over its 1-99 % display range with its values,
+phase as the cyclic bar from -pi to pi in radians, and a swatch of the unlit colour.
+Pillow's own font is used (its built-in scalable font, or DejaVu Sans where installed);
+where the font has no "π" glyph the labels say "pi".
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = [
     "PHASE_LUT",
     "UNVISITED_RGB",
+    "amplitude_figure",
+    "amplitude_range",
     "amplitude_rgb",
+    "phase_figure",
     "phase_rgb",
+    "tick_labels",
+    "with_colorbar",
     "save_comparison_png",
     "save_object_pngs",
     "save_png",
@@ -59,16 +70,32 @@ def _valid_mask(values: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return valid
 
 
+def _amplitude(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"amplitude must be 2-D, got shape {a.shape}")
+    return np.abs(a) if np.iscomplexobj(a) else a.astype(np.float64)
+
+
+def amplitude_range(a: np.ndarray, mask: np.ndarray | None = None
+                    ) -> tuple[float, float] | None:
+    """(lo, hi): the 1st and 99th percentile of the amplitude in ``mask`` (the grey scale's
+    black and white), or None when no pixel is valid."""
+    a = _amplitude(a)
+    valid = _valid_mask(a, mask)
+    if not valid.any():
+        return None
+    lo, hi = np.percentile(a[valid], [1.0, 99.0])
+    return float(lo), float(hi)
+
+
 def amplitude_rgb(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Grey (H, W, 3) uint8 of an amplitude, scaled over its 1st-99th percentile in mask.
 
     A complex input is reduced to its modulus. Pixels outside ``mask`` (or not finite)
     get UNVISITED_RGB.
     """
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise ValueError(f"amplitude must be 2-D, got shape {a.shape}")
-    a = np.abs(a) if np.iscomplexobj(a) else a.astype(np.float64)
+    a = _amplitude(a)
     valid = _valid_mask(a, mask)
     rgb = np.empty((*a.shape, 3), dtype=np.uint8)
     rgb[...] = UNVISITED_RGB
@@ -97,6 +124,156 @@ def phase_rgb(phi: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     rgb[...] = UNVISITED_RGB
     rgb[valid] = PHASE_LUT[idx]
     return rgb
+
+
+# --------------------------------------------------------------------------- colour bars
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans where the system has it (it has every glyph used here), else Pillow's
+    built-in font at ``size`` (scalable with FreeType, a fixed bitmap font without)."""
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    try:
+        return ImageFont.load_default(size)
+    except (TypeError, ValueError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def _has_glyph(font: ImageFont.FreeTypeFont | ImageFont.ImageFont, char: str) -> bool:
+    """False when ``char`` renders as the font's missing-glyph box (or as nothing)."""
+    try:
+        got = font.getmask(char)
+        missing = font.getmask("\ue000")  # private use: no font draws it
+    except (UnicodeEncodeError, ValueError, OSError):
+        return False
+    return got.size != (0, 0) and (got.size != missing.size
+                                   or bytes(got) != bytes(missing))
+
+
+def pi_symbol(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> str:
+    return "\u03c0" if _has_glyph(font, "\u03c0") else "pi"
+
+
+def tick_labels(values: np.ndarray) -> list[str]:
+    """Labels for evenly spaced tick values: fixed-point with as many decimals as resolve
+    the step to two digits (0.480, 0.418, ...), scientific for very large or small values."""
+    values = np.asarray(values, dtype=np.float64)
+    step = float(np.min(np.abs(np.diff(values)))) if len(values) > 1 else 0.0
+    big = float(np.max(np.abs(values))) if len(values) else 0.0
+    if step <= 0:
+        step = big or 1.0
+    if 1e-3 <= big < 1e5 or big == 0:
+        decimals = int(np.clip(1 - np.floor(np.log10(step)), 0, 8))
+        labels = [f"{v:.{decimals}f}" for v in values]
+    else:
+        digits = int(np.clip(np.ceil(np.log10(big / step)) + 1, 1, 8))
+        labels = [f"{v:.{digits}e}".replace("e-0", "e-").replace("e+0", "e")
+                  for v in values]
+    return [("0" if float(lab) == 0 else lab) for lab in labels]
+
+
+def with_colorbar(rgb: np.ndarray, bar: np.ndarray, ticks: list[tuple[float, str]],
+                  title: str, *, note: str | None = None,
+                  background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """The image with a vertical colour bar and its labels to its right, on ``background``.
+
+    ``bar`` is the (K, 3) uint8 colour scale from its low end (drawn at the bottom) to its
+    high end (top); ``ticks`` are (fraction 0..1 along the bar, label); ``title`` goes
+    above the bar. A swatch of UNVISITED_RGB labelled "not lit" sits under it, and
+    ``note`` (e.g. the range's definition) under that. Text is sized to the image height.
+    """
+    rgb = np.asarray(rgb)
+    bar = np.asarray(bar)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if bar.dtype != np.uint8 or bar.ndim != 2 or bar.shape[1] != 3 or len(bar) < 2:
+        raise ValueError(f"colour bar must be uint8 (K, 3), got {bar.dtype} {bar.shape}")
+    h, w = rgb.shape[:2]
+    size = int(np.clip(h // 30, 11, 28))
+    font = _font(size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_size(text: str) -> tuple[int, int]:
+        left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+        return int(right - left), int(bottom - top)
+
+    pad = max(size // 2, 6)
+    line = text_size("Ag")[1] + pad // 2
+    swatch = max(size, 10)
+    note_lines = [] if note is None else note.split("\n")
+    top = pad + 2 * line  # title, then half a label's height for the top tick label
+    bottom_space = line + swatch + len(note_lines) * line + 2 * pad
+    bar_h = max(h - top - bottom_space, 2 * line)
+    bar_w = max(size + 4, 14)
+    tick_len = max(size // 3, 4)
+    label_w = max([text_size(label)[0] for _, label in ticks] + [0])
+    side_w = max(bar_w + tick_len + pad // 2 + label_w, text_size(title)[0],
+                 swatch + pad // 2 + text_size("not lit")[0],
+                 *[text_size(t)[0] for t in note_lines]) + 3 * pad
+    height = max(h, top + bar_h + bottom_space)
+    canvas = Image.new("RGB", (w + side_w, height), background)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(rgb)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    ink = (0, 0, 0)
+
+    x0 = w + 2 * pad  # a white gutter between image and bar
+    draw.text((x0, pad), title, fill=ink, font=font)
+    # Bar: row r (top = 0) shows the scale at fraction 1 - r / (bar_h - 1).
+    frac = 1.0 - np.arange(bar_h) / max(bar_h - 1, 1)
+    idx = np.clip(np.rint(frac * (len(bar) - 1)).astype(np.int64), 0, len(bar) - 1)
+    column = np.repeat(bar[idx][:, None, :], bar_w, axis=1)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(column)), (x0, top))
+    draw.rectangle((x0 - 1, top - 1, x0 + bar_w, top + bar_h), outline=ink)
+    for fraction, label in ticks:
+        y = top + int(round((1.0 - float(np.clip(fraction, 0, 1))) * (bar_h - 1)))
+        draw.line((x0 + bar_w, y, x0 + bar_w + tick_len, y), fill=ink, width=1)
+        tw, th = text_size(label)
+        bbox_top = probe.textbbox((0, 0), label, font=font)[1]
+        ty = int(np.clip(y - th // 2 - bbox_top, 0, height - th - bbox_top))
+        draw.text((x0 + bar_w + tick_len + pad // 2, ty), label, fill=ink, font=font)
+    y = top + bar_h + line
+    draw.rectangle((x0, y, x0 + swatch, y + swatch), fill=UNVISITED_RGB, outline=ink)
+    draw.text((x0 + swatch + pad // 2, y + swatch // 2), "not lit", fill=ink, font=font,
+              anchor="lm" if isinstance(font, ImageFont.FreeTypeFont) else None)
+    y += swatch + pad // 2
+    for text in note_lines:
+        draw.text((x0, y), text, fill=ink, font=font)
+        y += line
+    return np.asarray(canvas)
+
+
+def amplitude_figure(obj: np.ndarray, mask: np.ndarray | None = None,
+                     upscale_to: int = 512) -> np.ndarray:
+    """Grey amplitude image (enlarged to ``upscale_to``) with a bar of its 1-99 % range:
+    black is the 1st percentile, white the 99th, five labelled values between."""
+    rgb = upscale_nearest(amplitude_rgb(obj, mask), upscale_to)
+    found = amplitude_range(obj, mask)
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    if found is None:
+        return with_colorbar(rgb, grey, [], "amplitude", note="nothing lit")
+    lo, hi = found
+    span = hi - lo
+    fractions = np.linspace(0.0, 1.0, 5) if span > 0 else np.array([0.5])
+    labels = tick_labels(lo + fractions * span) if span > 0 else tick_labels(np.array([lo]))
+    ticks = list(zip(fractions.tolist(), labels, strict=True))
+    return with_colorbar(rgb, grey, ticks, "amplitude",
+                         note="1-99 % range;\nclipped beyond")
+
+
+def phase_figure(obj: np.ndarray, mask: np.ndarray | None = None,
+                 upscale_to: int = 512) -> np.ndarray:
+    """Cyclic phase image (enlarged to ``upscale_to``) with the cyclic bar from -pi
+    (bottom) to pi (top), labelled in radians; its two ends are the same colour."""
+    rgb = upscale_nearest(phase_rgb(obj, mask), upscale_to)
+    font = _font(int(np.clip(rgb.shape[0] // 30, 11, 28)))
+    pi = pi_symbol(font)
+    ticks = [(0.0, f"-{pi}"), (0.25, f"-{pi}/2"), (0.5, "0"), (0.75, f"{pi}/2"),
+             (1.0, pi)]
+    return with_colorbar(rgb, PHASE_LUT, ticks, "phase (rad)", note="cyclic:\nends meet")
 
 
 def upscale_nearest(rgb: np.ndarray, upscale_to: int) -> np.ndarray:

@@ -21,9 +21,12 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
 DEFAULT_MODEL_FILE = "model.onnx"
+# Model formats ptycho-run can execute: manifest "artifacts" key -> default file name.
+MODEL_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
+FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
 
-__all__ = ["ArtifactSpec", "MANIFEST_NAME", "check_provenance", "load_artifact", "sha256_file",
-           "verify_file"]
+__all__ = ["ArtifactSpec", "MANIFEST_NAME", "MODEL_FORMATS", "check_provenance", "load_artifact",
+           "sha256_file", "verify_file"]
 
 
 def sha256_file(path: str | os.PathLike[str], block: int = 1 << 20) -> str:
@@ -56,6 +59,7 @@ class ArtifactSpec:
     golden_outputs: tuple[str, ...] = ()
     precision: str = "fp32"
     manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    model_format: str = "onnx"  # key of MODEL_FORMATS: which runtime executes model_path
 
 
 def _fail(where: Path, problem: str) -> ArtifactError:
@@ -70,7 +74,8 @@ def _resolve(path: Path) -> tuple[Path, str | None]:
         if path.name == MANIFEST_NAME:
             return path.parent, None
         return path.parent, path.name
-    raise ArtifactError(f"{path}: not found (give the exported folder or its model.onnx)")
+    raise ArtifactError(f"{path}: not found (give the exported folder or its model.onnx / "
+                        "model.ts)")
 
 
 def _read_manifest(manifest_path: Path) -> dict[str, Any]:
@@ -163,26 +168,53 @@ def _int(manifest_path: Path, value: Any, what: str) -> int:
     return value
 
 
-def load_artifact(path: str | os.PathLike[str], check_golden: bool = False) -> ArtifactSpec:
+def _model_entry(manifest: dict[str, Any], manifest_path: Path, folder: Path,
+                 given_name: str | None, model_format: str | None) -> tuple[str, str]:
+    """(format, model file name): ``model_format`` when given; else the format whose file
+    was named on the command line; else ONNX (what the torch-free runtime runs)."""
+    artifacts = manifest.get("artifacts") or {}
+    if not isinstance(artifacts, dict):
+        raise _fail(manifest_path, "\"artifacts\" is not a table")
+    if model_format is not None and model_format not in MODEL_FORMATS:
+        raise ArtifactError(f"--format {model_format!r}: choose one of "
+                            f"{', '.join(MODEL_FORMATS)}")
+    if model_format is None:
+        model_format = "onnx"
+        for key in MODEL_FORMATS:
+            entry = artifacts.get(key)
+            if given_name is not None and isinstance(entry, dict) and \
+                    entry.get("file", MODEL_FORMATS[key]) == given_name:
+                model_format = key
+    entry = artifacts.get(model_format)
+    label = FORMAT_LABELS[model_format]
+    if not isinstance(entry, dict):
+        formats = ", ".join(sorted(artifacts)) or "none"
+        hint = ("the torch-free runtime needs one: re-export with --format onnx"
+                if model_format == "onnx" else "re-export with --format torchscript, or run "
+                "its model.onnx")
+        raise _fail(manifest_path, f"lists no {label} model (formats: {formats}); {hint}")
+    model_name = _plain_name(manifest_path, entry.get("file", MODEL_FORMATS[model_format]),
+                             "model file")
+    if given_name is not None and given_name != model_name:
+        raise ArtifactError(f"{folder / given_name}: not the {label} model of this artifact "
+                            f"({MANIFEST_NAME} names {model_name})")
+    return model_format, model_name
+
+
+def load_artifact(path: str | os.PathLike[str], check_golden: bool = False,
+                  model_format: str | None = None) -> ArtifactSpec:
     """Read and verify an artifact folder (or its model file / manifest.json).
 
-    The ONNX model's size and sha256 are always checked; golden.npz only when
-    ``check_golden`` (the self-check reads it). Any problem is an ArtifactError whose one
-    line names the file.
+    The model file's size and sha256 are always checked; golden.npz only when
+    ``check_golden`` (the self-check reads it). ``model_format`` ("onnx" | "torchscript")
+    picks the model file; None means the one given as ``path`` (model.ts: TorchScript),
+    else ONNX. Any problem is an ArtifactError whose one line names the file.
     """
     folder, given_name = _resolve(Path(path))
     manifest_path = folder / MANIFEST_NAME
     manifest = _read_manifest(manifest_path)
-
-    onnx = (manifest.get("artifacts") or {}).get("onnx")
-    if not isinstance(onnx, dict):
-        formats = ", ".join(sorted(manifest.get("artifacts") or {})) or "none"
-        raise _fail(manifest_path, f"lists no ONNX model (formats: {formats}); the torch-free "
-                    "runtime needs one: re-export with --format onnx")
-    model_name = _plain_name(manifest_path, onnx.get("file", DEFAULT_MODEL_FILE), "model file")
-    if given_name is not None and given_name != model_name:
-        raise ArtifactError(f"{folder / given_name}: not the ONNX model of this artifact "
-                            f"({MANIFEST_NAME} names {model_name})")
+    model_format, model_name = _model_entry(manifest, manifest_path, folder, given_name,
+                                            model_format)
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise _fail(manifest_path, "has no \"files\" table of sha256 hashes")
@@ -238,4 +270,4 @@ def load_artifact(path: str | os.PathLike[str], check_golden: bool = False) -> A
         else input_name,
         golden_outputs=tuple(golden.get("outputs", output_names)) if isinstance(golden, dict)
         else output_names,
-        precision=precision, manifest=manifest)
+        precision=precision, manifest=manifest, model_format=model_format)

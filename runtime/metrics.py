@@ -3,14 +3,17 @@
 Ptychography determines an object only up to a global complex factor (an overall phase
 offset, and for PtychoPINN an intensity scale), so every metric here first removes the
 least-squares complex scalar; otherwise a perfect reconstruction with a constant phase
-offset would score badly.
+offset would score badly. It also leaves a linear phase ramp undetermined (a ramp in the
+object is a shift of every diffraction pattern, which a small probe-position or
+detector-centre error produces): ``remove_ramp=True`` takes out the best-fitting plane
+a + gy*y + gx*x as well (:func:`fit_phase_ramp`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["align_to_reference", "reconstruction_errors"]
+__all__ = ["align_to_reference", "fit_phase_ramp", "reconstruction_errors", "remove_phase_ramp"]
 
 
 def _select(
@@ -52,6 +55,67 @@ def align_to_reference(
     return (est.astype(np.complex128) * c).astype(out_dtype)
 
 
+def _slope(z: np.ndarray, sel: np.ndarray, axis: int) -> float:
+    """Phase step per pixel along ``axis``: the angle of sum z[k+1] conj(z[k]) over
+    neighbouring pairs that are both selected (2pi wraps cancel in each product)."""
+    head = [slice(None)] * 2
+    tail = [slice(None)] * 2
+    head[axis], tail[axis] = slice(1, None), slice(None, -1)
+    pairs = sel[tuple(head)] & sel[tuple(tail)]
+    total = np.sum((z[tuple(head)] * np.conj(z[tuple(tail)]))[pairs])
+    return float(np.angle(total)) if total != 0 else 0.0
+
+
+def fit_phase_ramp(
+    estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[float, float, float]:
+    """(a, gy, gx): the plane a + gy*y + gx*x (radians; y, x array indices) that best fits
+    the phase difference angle(est * conj(ref)) over ``mask``. 2-D arrays only.
+
+    Robust to wrapping without unwrapping anything:
+
+    1. Coarse slopes from neighbour phase differences: gx = angle(sum over horizontally
+       adjacent selected pairs of d[y, x+1] conj(d[y, x])), d = est * conj(ref), likewise
+       gy. Each product holds only the local step of the difference, so a ramp that wraps
+       many times across the image is found as long as it moves < pi per pixel. The
+       products carry |est| |ref| as weight: dark pixels, whose phase is noise, count less.
+    2. Offset a: the circular mean of the difference after the coarse ramp.
+    3. Refinement: the remaining wrapped residual is small, so a plain (unweighted) least-
+       squares plane through it, added to the coarse one, gives the final fit; this is the
+       same unweighted per-pixel phase error that ``phase_rmse_rad`` measures.
+    """
+    est, ref, sel = _select(estimate, reference, mask)
+    if est.ndim != 2:
+        raise ValueError(f"phase ramp fit needs 2-D images, got shape {est.shape}")
+    d = est.astype(np.complex128) * np.conj(ref.astype(np.complex128))
+    gy, gx = _slope(d, sel, 0), _slope(d, sel, 1)
+    yy, xx = np.nonzero(sel)
+    yc, xc = float(yy.mean()), float(xx.mean())  # centred coordinates: a well-posed fit
+    dy, dx = yy - yc, xx - xc
+    values = d[sel] * np.exp(-1j * (gy * dy + gx * dx))
+    a = float(np.angle(np.sum(values))) if np.any(values != 0) else 0.0
+    residual = np.angle(values * np.exp(-1j * a))
+    design = np.stack([np.ones_like(dy), dy, dx], axis=1)
+    (da, dgy, dgx), *_ = np.linalg.lstsq(design, residual, rcond=None)
+    a, gy, gx = a + float(da), gy + float(dgy), gx + float(dgx)
+    # Back to a plane about array index (0, 0), wrapped into (-pi, pi].
+    a0 = float(np.angle(np.exp(1j * (a - gy * yc - gx * xc))))
+    return a0, gy, gx
+
+
+def remove_phase_ramp(
+    estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``estimate * exp(-i (a + gy*y + gx*x))`` with the plane of :func:`fit_phase_ramp`
+    (applied to every pixel, fitted on ``mask``), and the plane (a, gy, gx)."""
+    a, gy, gx = fit_phase_ramp(estimate, reference, mask)
+    est = np.asarray(estimate)
+    h, w = est.shape
+    plane = a + gy * np.arange(h, dtype=np.float64)[:, None] + gx * np.arange(w)[None, :]
+    out = est.astype(np.complex128) * np.exp(-1j * plane)
+    return out.astype(np.result_type(est.dtype, np.complex64)), (a, gy, gx)
+
+
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation; 0 when either side is constant (no linear relation to measure,
     and NaN would make the JSON reports invalid)."""
@@ -64,9 +128,15 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def reconstruction_errors(
-    estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None
+    estimate: np.ndarray, reference: np.ndarray, mask: np.ndarray | None = None,
+    remove_ramp: bool = False,
 ) -> dict[str, float]:
     """Amplitude, phase and complex error metrics over ``mask`` after global alignment.
+
+    ``remove_ramp``: first take a linear phase ramp out of the estimate
+    (:func:`remove_phase_ramp`, fitted on ``mask``); the result then also holds the
+    removed slopes ``phase_ramp_y_rad_per_px`` and ``phase_ramp_x_rad_per_px``. Amplitude
+    metrics do not change; phase and complex ones no longer count the ramp.
 
     Keys (all plain floats):
       - ``amplitude_psnr_db``: 20 log10(max |ref| / amplitude_rmse); inf when exact.
@@ -79,6 +149,10 @@ def reconstruction_errors(
       - ``complex_nrmse``: ||c * est - ref|| / ||ref|| (c from :func:`align_to_reference`).
     """
     est, ref, sel = _select(estimate, reference, mask)
+    ramp: dict[str, float] = {}
+    if remove_ramp:
+        est, (_, gy, gx) = remove_phase_ramp(est, ref, sel)
+        ramp = {"phase_ramp_y_rad_per_px": gy, "phase_ramp_x_rad_per_px": gx}
     aligned = align_to_reference(est, ref, sel)[sel].astype(np.complex128)
     r = ref[sel].astype(np.complex128)
 
@@ -109,4 +183,5 @@ def reconstruction_errors(
         "phase_rmse_rad": float(np.sqrt(np.mean(diff**2))),
         "phase_corr": _pearson(phase_ref + diff, phase_ref),
         "complex_nrmse": nrmse,
+        **ramp,
     }

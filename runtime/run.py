@@ -1,5 +1,8 @@
 """Reconstruct a scan with an exported ONNX artifact: numpy + onnxruntime only, no torch.
 
+(Where torch is installed, the artifact's model.ts runs the same way through
+runtime.torchscript; torch is imported only on that path.)
+
 artifact (verified) + scan (validated) -> batched inference -> probe-weighted stitch ->
 object.npz, amplitude.png, phase.png, report.json, written to a temp folder and renamed,
 so an interrupted or failed run never leaves a half-written output folder behind.
@@ -31,7 +34,7 @@ import numpy as np
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
-from runtime.images import amplitude_rgb, phase_rgb, save_png, upscale_nearest
+from runtime.images import amplitude_figure, phase_figure, save_png
 from runtime.inputs import (
     InputOptions,
     check_product_options,
@@ -39,6 +42,7 @@ from runtime.inputs import (
     write_ptychodus_product,
 )
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
+from runtime.metrics import reconstruction_errors
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -52,6 +56,7 @@ from runtime.stitch import (
     SUBPIXEL_METHODS,
     StitchAccumulator,
     StitchedObject,
+    crop_to,
     has_fractional_positions,
     to_complex,
 )
@@ -189,8 +194,9 @@ def _output_shape(spec: ArtifactSpec, name: str, batch: int) -> tuple[int, ...]:
 
 def make_runner(session: Any, info: SessionInfo, spec: ArtifactSpec,
                 ort: Any = None) -> IOBindingRunner | None:
-    """IO binding for sessions on a CUDA device; None (plain session.run) on the CPU."""
-    if not info.on_device:
+    """IO binding for onnxruntime sessions on a CUDA device; None (plain session.run) on
+    the CPU and for TorchScript (which copies each batch to its device itself)."""
+    if not info.on_device or info.runtime != "onnxruntime":
         return None
     return IOBindingRunner(session, ort if ort is not None else import_onnxruntime(),
                            spec.input_name, spec.output_names, partial(_output_shape, spec),
@@ -261,14 +267,60 @@ def _raise_if_failed(result: dict[str, Any], spec: ArtifactSpec, info: SessionIn
 
 
 def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto",
-                        threads: int | None = None, device_id: int = 0) -> dict[str, Any]:
+                        threads: int | None = None, device_id: int = 0,
+                        model_format: str | None = None) -> dict[str, Any]:
     """The self-check alone: verify hashes, run golden.npz, report PASS/FAIL (never raises
     for FAIL, so a caller can print the table first)."""
-    spec = load_artifact(artifact, check_golden=True)
-    session, info = create_session(spec.model_path, provider, threads, device_id=device_id)
-    check_session_io(session, spec)
+    _check_format(model_format)
+    spec = load_artifact(artifact, check_golden=True, model_format=model_format)
+    session, info = open_session(spec, provider, threads, device_id=device_id, profile=False)
     result = run_self_check(spec, session, make_runner(session, info, spec))
     return {"artifact": _artifact_facts(spec), "provider": info.to_dict(), "self_check": result}
+
+
+# --------------------------------------------------------------------------- sessions
+
+MODEL_FORMAT_CHOICES = ("onnx", "torchscript")
+
+
+def _check_format(model_format: str | None) -> None:
+    if model_format is not None and model_format not in MODEL_FORMAT_CHOICES:
+        raise RunUsageError(f"--format {model_format!r}: choose one of "
+                            f"{', '.join(MODEL_FORMAT_CHOICES)} (or leave it out)")
+
+
+def open_session(spec: ArtifactSpec, provider: str, threads: int | None, *,
+                 device_id: int = 0, profile: bool = True, log_level: int = 3
+                 ) -> tuple[Any, SessionInfo]:
+    """A session for the artifact's model, checked against its manifest before any scan is
+    fed to it: onnxruntime for model.onnx (graph inputs/outputs, provenance), TorchScript
+    for model.ts (runtime.torchscript, imports torch only here; provenance)."""
+    if spec.model_format == "torchscript":
+        from runtime.torchscript import create_torchscript_session
+
+        session, info = create_torchscript_session(spec.model_path, spec.input_name,
+                                                   spec.output_names, provider, threads,
+                                                   device_id)
+        check_provenance(spec.model_path, session.metadata, spec.manifest, spec.manifest_path)
+        return session, info
+    session, info = create_session(spec.model_path, provider, threads, profile=profile,
+                                   log_level=log_level, device_id=device_id)
+    try:
+        check_session_io(session, spec)
+    except BaseException:
+        _end_profile(session, info)
+        raise
+    return session, info
+
+
+def warm_up(session: Any, feed: dict[str, np.ndarray], info: SessionInfo
+            ) -> dict[str, dict[str, int]]:
+    """One warm-up batch; returns the ops per provider (onnxruntime: measured by profiling
+    where each node ran; TorchScript: the aten ops of its graph, all on its device)."""
+    if info.runtime == "torchscript":
+        session.run(None, feed)
+        return {info.ep: session.op_counts()}
+    return measure_node_placement(session, feed, info)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -276,6 +328,7 @@ def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto"
 
 def _artifact_facts(spec: ArtifactSpec) -> dict[str, Any]:
     return {"folder": str(spec.folder), "model": spec.model_path.name,
+            "format": spec.model_format,
             "sha256": spec.model_sha256, "patch_size": spec.patch_size,
             "gridsize": spec.gridsize, "batch": spec.batch if spec.batch else "dynamic",
             "precision": spec.precision}
@@ -400,12 +453,55 @@ def _progress(enabled: bool) -> Any:
 
 def _write_outputs(folder: Path, stitched: StitchedObject, well_lit: np.ndarray,
                    report: dict[str, Any]) -> None:
-    np.savez(folder / "object.npz", object=stitched.obj, mask=well_lit,
-             origin_px=np.asarray(stitched.origin_px, dtype=np.int64), weight=stitched.weight)
-    save_png(folder / "amplitude.png", upscale_nearest(amplitude_rgb(stitched.obj, well_lit), 512))
-    save_png(folder / "phase.png", upscale_nearest(phase_rgb(stitched.obj, well_lit), 512))
+    obj = stitched.obj
+    np.savez(folder / "object.npz", object=obj, mask=well_lit,
+             origin_px=np.asarray(stitched.origin_px, dtype=np.int64), weight=stitched.weight,
+             amplitude=np.abs(obj).astype(np.float32),
+             phase=np.angle(obj).astype(np.float32))
+    save_png(folder / "amplitude.png", amplitude_figure(obj, well_lit, 512))
+    save_png(folder / "phase.png", phase_figure(obj, well_lit, 512))
     (folder / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True,
                                                    default=str) + "\n")
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def _json_floats(values: dict[str, float]) -> dict[str, float | None]:
+    """inf / NaN (an exact amplitude match has infinite PSNR) as null: valid JSON."""
+    return {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
+
+
+def quality_report(stitched: StitchedObject, well_lit: np.ndarray,
+                   truth: np.ndarray | None) -> dict[str, Any]:
+    """Errors against the scan's ground truth (``objectGuess``), when it has one.
+
+    The truth is cropped to the stitched canvas (runtime.stitch.crop_to) and scored on the
+    well-lit mask after removing what ptychography cannot determine: the global complex
+    factor and a linear phase ramp (runtime.metrics.reconstruction_errors with
+    ``remove_ramp=True``). ``model_global_factor_only`` keeps the ramp in, for comparison.
+    The baseline is the trivial reconstruction, a flat object (mean amplitude, zero
+    phase), scored the same way: a useful model beats it clearly. Same layout as the eager
+    path's ptycho_export.reconstruct.quality_report. Non-finite values are written as null.
+    """
+    if truth is None:
+        return {"ground_truth": False}
+    try:
+        cropped = crop_to(truth, stitched)
+    except PtychoError as err:
+        return {"ground_truth": True, "error": str(err)}
+    obj, mask = stitched.obj, well_lit
+    flat = np.full_like(obj, np.abs(obj[mask]).mean())
+    return {
+        "ground_truth": True,
+        "scored_pixels": int(mask.sum()),
+        "mask": f"well lit: summed |probe|^2 > {WELL_LIT_FRACTION} x its maximum",
+        "removed": "global complex factor and linear phase ramp",
+        "model": _json_floats(reconstruction_errors(obj, cropped, mask, remove_ramp=True)),
+        "flat_baseline": _json_floats(reconstruction_errors(flat, cropped, mask,
+                                                            remove_ramp=True)),
+        "model_global_factor_only": _json_floats(reconstruction_errors(obj, cropped, mask)),
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -430,7 +526,8 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
              log_level: int = 3, subpixel: str | None = None,
              device_id: int = 0,
              session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None,
-             inputs: InputOptions | None = None) -> dict[str, Any]:
+             inputs: InputOptions | None = None,
+             model_format: str | None = None) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
@@ -442,13 +539,16 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     onnxruntime session per artifact and provider instead of building one per scan.
     ``inputs`` says how to read data that is not an amplitude npz (counts, HDF5, a
     ptychodus input folder, other position conventions) and whether to write a ptychodus
-    product (see runtime.inputs).
+    product (see runtime.inputs). ``model_format`` ("onnx" | "torchscript") picks the
+    artifact's model file; by default the file given as ``artifact`` (model.ts runs with
+    TorchScript when torch is installed), else model.onnx.
     """
     started = time.perf_counter()
     data_path, outdir = Path(data_path), Path(outdir)
     if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
         raise RunUsageError(f"--device-id must be an integer >= 0, got {device_id!r}")
-    spec = load_artifact(artifact, check_golden=self_check)
+    _check_format(model_format)
+    spec = load_artifact(artifact, check_golden=self_check, model_format=model_format)
     inputs = inputs or InputOptions()
     loaded = open_input(data_path, inputs, spec.patch_size)
     scan = loaded.scan
@@ -470,13 +570,8 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     if cached is not None:
         session, info, placement = cached
     else:
-        session, info = create_session(spec.model_path, provider, threads, profile=True,
-                                       log_level=log_level, device_id=device_id)
-        try:
-            check_session_io(session, spec)
-        except BaseException:
-            _end_profile(session, info)
-            raise
+        session, info = open_session(spec, provider, threads, device_id=device_id,
+                                     profile=True, log_level=log_level)
         placement = None
     if batch is not None:
         batch_choice: dict[str, Any] = {
@@ -490,7 +585,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     warm = {spec.input_name: np.zeros((batch, spec.channels, spec.patch_size, spec.patch_size),
                                       dtype=np.float32)}
     if placement is None:
-        placement = measure_node_placement(session, warm, info)  # also the warm-up run
+        placement = warm_up(session, warm, info)
         if session_cache is not None:
             session_cache[cache_key] = (session, info, placement)
     node_counts = {p: sum(ops.values()) for p, ops in placement.items()}
@@ -527,6 +622,9 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     stitched = accumulator.result()
     well_lit = stitched.weight > WELL_LIT_FRACTION * float(stitched.weight.max())
     stitch_s = time.perf_counter() - t1 + add_s
+    quality = quality_report(stitched, well_lit, scan.object_truth)
+    if "error" in quality:
+        warnings.append(f"ground truth not scored: {quality['error']}")
 
     report: dict[str, Any] = {
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -534,6 +632,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "data": {"file": str(data_path), "name": data_path.name,
                  "size": data_path.stat().st_size, "patterns": scan.n_patterns,
                  "memory_mapped": isinstance(scan.amplitudes, np.memmap), **loaded.report},
+        "runtime": info.runtime,
         "provider": info.to_dict(),
         "node_counts": node_counts,
         "node_ops": placement,
@@ -552,6 +651,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
                    "well_lit_pixels": int(well_lit.sum()),
                    "well_lit_fraction": WELL_LIT_FRACTION},
         "self_check": check if check is not None else {"status": "SKIPPED"},
+        "quality": quality,
         "outdir": str(outdir),
         "files": list(OUTPUT_FILES),
         "ptychodus_product": None if inputs.ptychodus_product is None

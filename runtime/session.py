@@ -78,6 +78,8 @@ class SessionInfo:
     skipped: dict[str, str] = field(default_factory=dict)  # auto: provider -> why not used
     profile_dir: Path | None = None
     device_id: int = 0  # CUDA device ordinal (cuda / tensorrt; ignored on the CPU)
+    runtime: str = "onnxruntime"  # or "torchscript" (runtime.torchscript, model.ts)
+    runtime_version: str | None = None  # e.g. "torch 2.13.0" for TorchScript
 
     @property
     def on_device(self) -> bool:
@@ -85,7 +87,8 @@ class SessionInfo:
         return self.provider in DEVICE_PROVIDERS
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requested": self.requested, "provider": self.provider, "ep": self.ep,
+        return {"runtime": self.runtime, "runtime_version": self.runtime_version,
+                "requested": self.requested, "provider": self.provider, "ep": self.ep,
                 "session_providers": self.providers, "available_providers": self.available,
                 "threads": self.threads, "onnxruntime": self.onnxruntime_version,
                 "device_id": self.device_id if self.on_device else None,

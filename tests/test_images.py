@@ -89,3 +89,60 @@ def test_comparison_png(tmp_path) -> None:
         w, h = im.size
     assert w >= 2 * 60 and h > 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp.png"]
+
+
+# --------------------------------------------------------------------------- colour bars
+
+
+def test_figures_add_a_labelled_bar_beside_the_image() -> None:
+    from runtime.images import amplitude_figure, phase_figure, upscale_nearest
+
+    obj = _obj()
+    mask = np.ones(obj.shape, dtype=bool)
+    mask[:4] = False
+    for figure, plain in ((amplitude_figure, amplitude_rgb), (phase_figure, phase_rgb)):
+        out = figure(obj, mask, 512)
+        image = upscale_nearest(plain(obj, mask), 512)
+        assert out.dtype == np.uint8 and out.shape[0] == image.shape[0] >= 512
+        assert out.shape[1] > image.shape[1] + 60  # room for bar and labels
+        np.testing.assert_array_equal(out[:, : image.shape[1]], image)  # image untouched
+        side = out[:, image.shape[1]:].reshape(-1, 3)
+        assert (side == 0).all(axis=1).any()  # black label text
+        assert (side == UNVISITED_RGB).all(axis=1).any()  # the "not lit" swatch
+    # The phase bar shows the cyclic LUT itself; the amplitude bar runs black to white.
+    phase_side = phase_figure(obj, mask)[:, 600:].reshape(-1, 3)
+    lut_rows = {tuple(c) for c in PHASE_LUT[::16].tolist()}
+    assert len(lut_rows & {tuple(c) for c in phase_side.tolist()}) >= len(lut_rows) - 1
+    amp_side = amplitude_figure(obj, mask)[:, 600:]
+    greys = amp_side[(amp_side[..., 0] == amp_side[..., 1]) & (amp_side[..., 1] ==
+                                                                amp_side[..., 2])][:, 0]
+    assert len(np.unique(greys)) > 200
+
+
+def test_tick_labels_resolve_the_step() -> None:
+    from runtime.images import tick_labels
+
+    assert tick_labels(np.linspace(0.2325, 0.48, 5)) == ["0.233", "0.294", "0.356", "0.418",
+                                                          "0.480"]
+    assert tick_labels(np.linspace(0.95, 1.05, 3)) == ["0.950", "1.000", "1.050"]
+    assert tick_labels(np.linspace(0.0, 2e-6, 3)) == ["0", "1.00e-6", "2.00e-6"]
+    assert tick_labels(np.array([120.0, 3000.0])) == ["120", "3000"]
+
+
+def test_pi_falls_back_to_ascii_without_the_glyph() -> None:
+    from PIL import ImageFont
+
+    from runtime.images import pi_symbol
+
+    assert pi_symbol(ImageFont.load_default()) in ("pi", "\u03c0")
+    bitmap = ImageFont.load_default(16)  # Pillow's built-in font has no Greek
+    assert pi_symbol(bitmap) == "pi"
+
+
+def test_figure_with_nothing_lit_and_a_flat_amplitude() -> None:
+    from runtime.images import amplitude_figure, phase_figure
+
+    obj = np.ones((20, 20), np.complex64)
+    assert amplitude_figure(obj, np.zeros(obj.shape, bool)).shape[0] >= 512
+    assert amplitude_figure(obj).shape[0] >= 512  # flat: one tick, no division by zero
+    assert phase_figure(obj, upscale_to=0).shape[0] >= 20

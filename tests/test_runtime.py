@@ -135,7 +135,7 @@ def _object(outdir: Path) -> np.ndarray:
 
 def test_runtime_modules_import_without_torch() -> None:
     result = _blocked_python(
-        "import runtime.run, runtime.session, runtime.manifest, cli.run\n"
+        "import runtime.run, runtime.session, runtime.manifest, runtime.torchscript, cli.run\n"
         "import onnxruntime\n"
         f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {BLOCKED!r})\n"
         "assert not bad, bad\n"
@@ -210,6 +210,18 @@ def test_outputs_and_report(default_run: tuple[Path, dict[str, Any]], artifact: 
     for name in ("amplitude.png", "phase.png"):
         with Image.open(outdir / name) as image:
             assert image.mode == "RGB" and min(image.size) >= 512
+            assert image.size[0] > image.size[1]  # square object + colour bar on the right
+    with np.load(outdir / "object.npz") as data:
+        obj = data["object"]
+        assert data["amplitude"].dtype == np.float32 == data["phase"].dtype
+        np.testing.assert_allclose(data["amplitude"], np.abs(obj), rtol=1e-6)
+        np.testing.assert_allclose(data["phase"], np.angle(obj), atol=1e-6)
+    # The simulated scan has objectGuess: scored after removing global factor and ramp.
+    quality = saved["quality"]
+    assert quality["ground_truth"] is True and quality["scored_pixels"] > 0
+    for key in ("model", "flat_baseline", "model_global_factor_only"):
+        assert 0 <= quality[key]["phase_rmse_rad"] <= np.pi
+        assert "phase_ramp_x_rad_per_px" in quality[key] or key.endswith("only")
 
 
 def test_report_says_how_the_run_was_shaped(default_run: tuple[Path, dict[str, Any]]) -> None:
