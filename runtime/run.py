@@ -1,7 +1,7 @@
 """Reconstruct a scan with an exported ONNX artifact: numpy + onnxruntime only, no torch.
 
 (Where torch is installed, the artifact's model.ts runs the same way through
-runtime.torchscript; torch is imported only on that path.)
+ptycho_export.torchscript_session; torch is imported only on that path.)
 
 artifact (verified) + scan (validated) -> batched inference -> probe-weighted stitch ->
 object.npz, amplitude.png, phase.png, report.json, written to a temp folder and renamed,
@@ -294,9 +294,9 @@ def open_session(spec: ArtifactSpec, provider: str, threads: int | None, *,
                  ) -> tuple[Any, SessionInfo]:
     """A session for the artifact's model, checked against its manifest before any scan is
     fed to it: onnxruntime for model.onnx (graph inputs/outputs, provenance), TorchScript
-    for model.ts (runtime.torchscript, imports torch only here; provenance)."""
+    for model.ts (ptycho_export.torchscript_session, imports torch only here; provenance)."""
     if spec.model_format == "torchscript":
-        from runtime.torchscript import create_torchscript_session
+        from ptycho_export.torchscript_session import create_torchscript_session
 
         session, info = create_torchscript_session(spec.model_path, spec.input_name,
                                                    spec.output_names, provider, threads,

@@ -78,7 +78,7 @@ class SessionInfo:
     skipped: dict[str, str] = field(default_factory=dict)  # auto: provider -> why not used
     profile_dir: Path | None = None
     device_id: int = 0  # CUDA device ordinal (cuda / tensorrt; ignored on the CPU)
-    runtime: str = "onnxruntime"  # or "torchscript" (runtime.torchscript, model.ts)
+    runtime: str = "onnxruntime"  # or "torchscript" (ptycho_export.torchscript_session, model.ts)
     runtime_version: str | None = None  # e.g. "torch 2.13.0" for TorchScript
 
     @property
