@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.atomic import replace_dir
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
@@ -419,22 +420,6 @@ def check_outdir(outdir: Path, spec: ArtifactSpec, data_path: Path) -> None:
         raise RunUsageError(f"-o {outdir}: exists and is not a folder")
 
 
-def _replace_dir(tmp: Path, outdir: Path) -> None:
-    """Swap the finished temp folder in; an older output survives until the swap."""
-    backup = None
-    if outdir.exists():
-        backup = outdir.with_name(f".{outdir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(outdir, backup)
-    try:
-        os.replace(tmp, outdir)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, outdir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-
-
 def _progress(enabled: bool) -> Any:
     from rich.console import Console
     from rich.progress import (
@@ -667,7 +652,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     try:
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         _write_outputs(tmp, stitched, well_lit, report)
-        _replace_dir(tmp, outdir)
+        replace_dir(tmp, outdir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):

@@ -51,6 +51,7 @@ from ptycho_export.parity import (
     run_parity,
     torchscript_runner,
 )
+from runtime.atomic import replace_dir
 from runtime.compare import DEFAULT_TOLERANCES
 from runtime.errors import ParityError, naming
 
@@ -159,22 +160,6 @@ def save_onnx(program_or_module: Any, example: tuple[torch.Tensor, ...], path: P
 
 def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-
-
-def _replace_dir(tmp: Path, outdir: Path) -> None:
-    """Swap the finished temp folder in; an older output survives until the swap."""
-    backup = None
-    if outdir.exists():
-        backup = outdir.with_name(f".{outdir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(outdir, backup)
-    try:
-        os.replace(tmp, outdir)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup, outdir)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def _gate(rows: list[ParityRow]) -> list[str]:
@@ -329,7 +314,7 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                 "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
                 "\n\n" + table + "\n\nNext: inspect the failing node with "
                 "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
-            _replace_dir(tmp, outdir)
+            replace_dir(tmp, outdir)
             worst = failures[0]
             raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
                               f"report in {outdir / 'parity_failure.md'}")
@@ -355,7 +340,7 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, outdir)
+        replace_dir(tmp, outdir)
     except BaseException as err:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -11,12 +11,12 @@ fixed-batch export gets `max_batch_size: 0` and full dims.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+from runtime.atomic import replace_dir
 from runtime.errors import PtychoError
 
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -78,14 +78,7 @@ def write_triton_repository(export_dir: Path, repository: Path, name: str,
         staging.mkdir()
         shutil.copytree(export_dir, staging / "1")
         (staging / "config.pbtxt").write_text(triton_config(manifest, name, **config_options))
-        target = repository / name
-        backup = None
-        if target.exists():
-            backup = repository / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, backup)
-        os.replace(staging, target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
+        replace_dir(staging, repository / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
