@@ -192,7 +192,7 @@ def bench_stitch_stream(count: int, n: int, batch: int, seed: int,
     stitched = acc.result()
     total = time.perf_counter() - t0 - feed_s
     peak = peak_rss_mb()
-    canvas_mb = (acc._canvas.nbytes + acc._wsum.nbytes) / 2**20
+    canvas_mb = acc.nbytes / 2**20
     out_mb = (stitched.obj.nbytes + stitched.weight.nbytes + stitched.mask.nbytes) / 2**20
     log(f"  {count:,} patches in {total:.2f} s ({count / total:,.0f} patches/s), peak RSS "
         f"{peak:.0f} MB (canvas {canvas_mb:.0f} MB)")
@@ -372,16 +372,18 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {name} | {row['s_min']:.3f} | {row['s_median']:.3f} | "
                          f"{row['patches_per_s_best']:,.0f} |")
         if any(name.startswith("baseline") for name in s["configs"]):
-            lines += ["", "*baseline*: another runtime/stitch.py given with --baseline-stitch "
-                      "(here: the stitcher before the float32 canvas), on the same patches."]
+            label = s.get("baseline_label") or "no description given (--baseline-label)"
+            lines += ["", "*baseline*: another runtime/stitch.py given with --baseline-stitch, "
+                      f"on the same patches: {label}."]
         lines += ["", f"float32 canvas vs float64 canvas on these random patches: max |diff| "
                   f"= {s['float32_vs_float64_max_abs_over_max']:.1e} of max |object|.", ""]
     t = result.get("stitch_stream")
     if t:
         lines += [f"## Stitcher: {t['patches']:,} patches streamed in batches of {t['batch']}",
                   "", f"{t['s']:.2f} s ({t['patches_per_s']:,.0f} patches/s); canvas "
-                  f"{t['canvas'][0]}x{t['canvas'][1]} ({t['canvas_mb']:.0f} MB complex64 + "
-                  f"float32 weights). Peak RSS {t['peak_rss_mb']:.0f} MB "
+                  f"{t['canvas'][0]}x{t['canvas'][1]} ({t['canvas_mb']:.0f} MB complex64 canvas; "
+                  "the weight sum is a float32 map made once at the end). "
+                  f"Peak RSS {t['peak_rss_mb']:.0f} MB "
                   f"({t['peak_rss_source']}), {t['peak_above_before_mb']:.0f} MB above the "
                   f"{t['rss_before_mb']:.0f} MB before; holding all patches would take "
                   f"{t['input_if_held_mb']:,.0f} MB.", ""]
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-patches", type=int, default=100_000)
     parser.add_argument("--baseline-stitch", type=Path, default=None,
                         help="another runtime/stitch.py to time on the same 10k patches")
+    parser.add_argument("--baseline-label", default=None,
+                        help="what the --baseline-stitch file is, for the report")
     parser.add_argument("--skip-install", action="store_true")
     parser.add_argument("--skip-cold-start", action="store_true")
     parser.add_argument("--keep-venvs", action="store_true")
@@ -454,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 "loadavg_start": loadavg()}}
     log(f"stitcher: {count:,} patches of 64x64, {rounds} rounds ...")
     result["stitch_10k"] = bench_stitch_10k(count, 64, rounds, 0, args.baseline_stitch, log)
+    if args.baseline_stitch is not None:
+        result["stitch_10k"]["baseline_label"] = args.baseline_label
     log(f"stitcher: {stream:,} patches streamed ...")
     result["stitch_stream"] = bench_stitch_stream(stream, 64, 1000, 1, log)
     if not args.skip_cold_start:

@@ -32,36 +32,48 @@ Placement (``subpixel``):
 
 For integer positions all three give bit-identical results, given the same ``crop``.
 
-Speed: the accumulation is a plain Python loop of contiguous slice-adds
-``canvas[y:y+n, x:x+n] += w * p``. On the measured machine this beat flat-index scatter
-(``np.bincount`` 6x slower, ``np.add.at`` 20x slower), a fancy-indexed gather/add/scatter
-through a sliding-window view (3x slower) and splitting the adds over two threads (numpy
-holds the GIL for such small adds: no gain), because it streams no index arrays and each
+Speed: the numerator is a plain Python loop of contiguous slice-adds ``canvas[y:y+n,
+x:x+n] += w * p``. On the measured machines this beat flat-index scatter
+(``np.bincount`` 6x slower, ``np.add.at`` 20x slower), a fancy-indexed
+gather/add/scatter through a sliding-window view (3x slower), a canvas with rows
+interleaved in groups of 8 (fewer, longer rows per add: 10 % slower) and splitting the
+adds over two threads (each small add hands the GIL back and forth faster than a
+sleeping thread wakes up: 30 % slower), because it streams no index arrays and each
 64x64 block stays in cache. Per-patch arithmetic (crop, weighting, shifting) is
 vectorised over chunks of ``chunk`` patches into two reused buffers, so a memory-mapped
 stack of 100k patches is never copied whole and no per-patch temporaries are made; with
 ``prefetch`` a helper thread prepares chunk j+1 (large numpy calls, which release the
-GIL) while chunk j is placed.
+GIL) while chunk j is placed. The denominator, the weight sum, is no per-patch loop at
+all: every whole-pixel patch carries the same weight map, so the sum is one convolution
+of the patch corners with it (runtime/weight_sum.py: float64 FFTs in row bands, on
+threads, GIL released). It depends on the positions alone, so with ``prefetch`` it
+starts in the background as soon as the canvas is planned, and
+:meth:`StitchAccumulator.result` takes it if the patches added sit exactly at the
+planned corners (in any order), else computes it then. Bilinear patches with a
+fractional offset splat their own weights and still add them one by one.
 
-Precision: the canvas accumulates in single precision by default (complex64 values,
-float32 weights; ``accumulate="float64"`` gives complex128 / float64). The slice-adds are
-memory-bound, so halving the bytes nearly halves their time. Error: each pixel is a
-sequential float32 sum of K weighted terms (numerator and weight sum), bounded by
-(K-1) u sum|terms| each (u = 2^-24 = 6e-8; K = 49: 2.9e-6, so <= ~6e-6 for the ratio) and
-typically ~sqrt(K) u. Measured against the float64 canvas for overlapping patches cut
-from one object, Gaussian weights (tests/test_stitch.py ``test_float32_accumulation_error``):
-K = 49: max |difference| 4.8e-7 of max |object| (per pixel at most 5.3e-7 relative, rms
-8e-8); K = 64: 7.2e-7. That is far inside the 1e-5 parity budget. Patches are added in
-the order given, so any batching, chunking or prefetching gives a bit-identical result in
-either precision.
+Precision: the canvas accumulates in single precision by default (complex64 values;
+``accumulate="float64"`` gives complex128). The slice-adds are memory-bound, so halving
+the bytes nearly halves their time. Error: each pixel is a sequential float32 sum of K
+weighted terms, bounded by (K-1) u sum|terms| (u = 2^-24 = 6e-8; K = 49: 2.9e-6) and
+typically ~sqrt(K) u; the weight sum is exact to ~1e-15 before its rounding to float32
+(runtime/weight_sum.py, which also says why weights below 1e-12 of the peak count as 0).
+Measured against the float64 canvas for overlapping patches cut from one object,
+Gaussian weights (tests/test_stitch.py ``test_float32_accumulation_error``): K = 49: max
+|difference| 4.0e-7 of max |object| (per pixel at most 4.4e-7 relative, rms 7e-8); K =
+64: 4.0e-7 (4.8e-7 and 7.2e-7 while the weight sum was float32 too). That is far inside
+the 1e-5 parity budget. Patches are added in the order given, so any batching, chunking
+or prefetching gives a bit-identical result in either precision.
 
 Timing (10k 64x64 complex64 patches, Gaussian |probe|^2-like weights, integer placement,
-2-core Xeon VM, best of 7, python -m bench.runtime_bench): 0.22 s before (complex128
+2-core VMs, best of 7, python -m bench.runtime_bench): 0.22 s before (complex128
 canvas, a temporary per chunk); 0.146 s with the float32 canvas and reused weighting
-buffers; 0.107-0.122 s (two runs) with the next chunk prepared in a helper thread
-(``prefetch``). Per patch that is about 3.4 us to read and weight the input (memory
-bandwidth), 5-6 us for the complex64 slice-add and 3-4 us for the weight-sum add (numpy's
-per-row overhead on strided 64-row views dominates both).
+buffers; 0.107-0.122 s (Xeon, two runs) with the next chunk prepared in a helper thread
+(``prefetch``); on an EPYC VM 0.117 s for that, 0.076-0.086 s with the weight sum as a
+background convolution and 4 MB chunks. Per patch, without threads: about 3.5 us to read
+and weight the input (memory bandwidth), ~5 us for the complex64 slice-add (the
+weight-sum slice-add it no longer does was another ~3.3 us); the convolution takes
+~33 ms on one thread, ~18 ms on two.
 
 :class:`StitchAccumulator` takes patches batch by batch (the runtime never holds all M
 patches); :func:`stitch_patches` is the one-call form.
@@ -69,13 +81,14 @@ patches); :func:`stitch_patches` is the one-call form.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from runtime.errors import DataError
+from runtime.weight_sum import clean_weights, placed_weight_sum
 
 __all__ = [
     "FOURIER_TRIM",
@@ -98,12 +111,13 @@ SUBPIXEL_METHODS = ("none", "fourier", "bilinear")
 FOURIER_TRIM = 2
 # Patches per vectorised step. Sub-pixel modes: blocks of a few MB stay in cache (10k
 # 64x64 patches on a 2-core machine: fourier 1.3 s at 64 vs 5.0 s at 4096, bilinear 0.5 s
-# at 64 vs 1.3 s at 4096). Integer placement: chunks of CHUNK_BYTES (256 patches of
+# at 64 vs 1.3 s at 4096). Integer placement: chunks of CHUNK_BYTES (128 patches of
 # 64x64 complex64), large enough that handing each chunk to the prefetch thread costs
-# little (10k 64x64, one run: 0.126 s at 64, 0.107 s at 256, 0.119 s at 512, 0.126 s at
-# 1024).
+# little, small enough that two of them and the canvas stay in cache (10k 64x64, best
+# of 9 on a 2-core EPYC: 0.076 s at 96, 0.081 s at 128, 0.079 s at 192, 0.083 s at 256;
+# the Xeon before the weight-sum change: 0.126 s at 64, 0.107 s at 256, 0.119 s at 512).
 DEFAULT_CHUNK = {"fourier": 64, "bilinear": 64}
-CHUNK_BYTES = 8 << 20
+CHUNK_BYTES = 4 << 20
 ACCUMULATE = {"float32": (np.complex64, np.float32), "float64": (np.complex128, np.float64)}
 
 
@@ -197,8 +211,10 @@ class StitchAccumulator:
             ``"float64"`` (complex128 / float64: the reference; twice the memory and about
             twice the time). See the module docstring for the error of float32.
         prefetch: prepare the next chunk (crop, weighting, sub-pixel shift) in a helper
-            thread while the current one is placed; the result is bit-identical either
-            way. Off: everything on the calling thread.
+            thread while the current one is placed, and start the weight sum for the
+            planned positions in the background; the result is bit-identical either
+            way. Off: everything on the calling thread (the weight sum's FFT bands may
+            still use a few threads in :meth:`result`).
     """
 
     def __init__(self, positions_px: Any, n_patch: int, *, weights: Any = None,
@@ -247,9 +263,13 @@ class StitchAccumulator:
             if not np.all(np.isfinite(w_full)) or np.any(w_full < 0):
                 raise DataError("weights must be finite and non-negative")
             c = self.crop
-            trimmed = w_full[c : n_patch - c, c : n_patch - c]
+            trimmed = clean_weights(w_full[c : n_patch - c, c : n_patch - c])
             self._w64 = np.ascontiguousarray(trimmed, np.float64)
             self._w32 = np.ascontiguousarray(trimmed, np.float32)
+        # Corners where the plain weight map lands (every patch, except bilinear patches
+        # with a fractional offset); result() turns them into the weight sum in one
+        # convolution (runtime/weight_sum.py) instead of a slice-add per patch.
+        self._corners: list[np.ndarray] = []
 
         corner, _, extent = _placement(pos, n_patch, self.crop, subpixel)
         origin = corner.min(axis=0)
@@ -260,7 +280,28 @@ class StitchAccumulator:
         pad = 1 if subpixel == "bilinear" else 0
         # Single precision by default: see "Precision" in the module docstring.
         self._canvas = np.zeros((self.shape[0] + pad, self.shape[1] + pad), self._cdtype)
-        self._wsum = np.zeros(self._canvas.shape, self._rdtype)
+        # Only bilinear splats weights that differ per patch; allocated on first use.
+        self._wsum: np.ndarray | None = None
+        # The weight sum depends on the positions alone, all known now: with prefetch it
+        # is computed in the background while patches arrive, and result() uses it if the
+        # corners added turn out to be the planned ones (any order, any batching).
+        planned = corner - origin
+        if subpixel == "bilinear":
+            planned = planned[~np.any(_placement(pos, n_patch, self.crop, subpixel)[1] != 0,
+                                      axis=1)]
+        self._planned_corners = planned
+        self._planned_sum: Future[np.ndarray] | None = None
+        if self.prefetch:
+            starter = ThreadPoolExecutor(1, thread_name_prefix="stitch-weight-sum")
+            self._planned_sum = starter.submit(placed_weight_sum, planned,
+                                               self._plain_weights(), self.shape,
+                                               dtype=self._rdtype)
+            starter.shutdown(wait=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the canvas (and the bilinear weight canvas, once allocated)."""
+        return self._canvas.nbytes + (0 if self._wsum is None else self._wsum.nbytes)
 
     # ------------------------------------------------------------------- adding
 
@@ -284,6 +325,13 @@ class StitchAccumulator:
         if np.any(local < 0) or np.any(local + size > np.asarray(self._canvas.shape)):
             raise DataError("patch positions lie outside the canvas planned from the "
                             "positions given to StitchAccumulator")
+        if self.subpixel == "bilinear":
+            splatted = np.any(frac != 0, axis=1)
+            self._corners.append(local[~splatted])
+            if np.any(splatted) and self._wsum is None:
+                self._wsum = np.zeros(self._canvas.shape, self._rdtype)
+        else:
+            self._corners.append(local)
         # Arithmetic in the canvas's precision: float64 on a float32 canvas would only be
         # rounded again when added; on a float64 canvas (the reference) all of it is double.
         double = self._rdtype == np.float64
@@ -307,12 +355,18 @@ class StitchAccumulator:
                     start, prepared = pending.result()
                     if j + 1 < len(starts):
                         pending = pool.submit(prepare, j + 1)
-                    self._place(prepared, local[start : start + len(prepared[0])])
+                    stop = start + len(prepared[0])
+                    self._place(prepared, local[start:stop], frac[start:stop])
         else:
             for j in range(len(starts)):
                 start, prepared = prepare(j)
-                self._place(prepared, local[start : start + len(prepared[0])])
+                stop = start + len(prepared[0])
+                self._place(prepared, local[start:stop], frac[start:stop])
         self.count += b
+
+    def _plain_weights(self) -> np.ndarray:
+        """The (n, n) float64 weight map every whole-pixel placement carries."""
+        return self._w64 if self._w64 is not None else np.ones((self.n, self.n))
 
     def _trim(self, block: Any) -> np.ndarray:
         c, n_patch = self.crop, self.n_patch
@@ -332,31 +386,37 @@ class StitchAccumulator:
         return out
 
     def _prepare(self, block: Any, frac: np.ndarray, w: np.ndarray | None, double: bool,
-                 slot: int) -> tuple[np.ndarray, Any]:
-        """(values, weights) ready to add: values (B, m, m), weights (B, m, m) for
-        bilinear, else the shared (n, n) map or 1.0."""
+                 slot: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, splat weights): values (B, m, m) ready to add; for bilinear also the
+        (B, m, m) splatted weights (else None: the weight sum is done in result())."""
         if self.subpixel == "bilinear":
             return self._splat_bilinear(block, frac, w, double)
         if self.subpixel == "fourier":
             block = self._fourier_shift(block, frac, double)
         block = self._trim(block)
         if w is None:
-            return block, 1.0
-        return self._weighted(block, w, slot), w
+            return block, None
+        return self._weighted(block, w, slot), None
 
-    def _place(self, prepared: tuple[np.ndarray, Any], local: np.ndarray) -> None:
-        """The slice-adds, in patch order (plain ints: cheap slicing)."""
+    def _place(self, prepared: tuple[np.ndarray, np.ndarray | None], local: np.ndarray,
+               frac: np.ndarray) -> None:
+        """The slice-adds, in patch order (plain ints: cheap slicing; ``np.add`` into the
+        view, so no write-back through __setitem__)."""
         values, weights = prepared
         m = values.shape[-1]
-        canvas, wsum = self._canvas, self._wsum
-        if isinstance(weights, np.ndarray) and weights.ndim == 3:
-            for (y, x), value, weight in zip(local.tolist(), values, weights, strict=True):
-                canvas[y : y + m, x : x + m] += value
-                wsum[y : y + m, x : x + m] += weight
-        else:
-            for (y, x), value in zip(local.tolist(), values, strict=True):
-                canvas[y : y + m, x : x + m] += value
-                wsum[y : y + m, x : x + m] += weights
+        canvas, add = self._canvas, np.add
+        for (y, x), value in zip(local.tolist(), values, strict=True):
+            view = canvas[y : y + m, x : x + m]
+            add(view, value, out=view)
+        if weights is None:
+            return
+        # Bilinear: only patches with a fractional offset have weights that differ from
+        # the plain map (those with none went to self._corners in add()).
+        wsum = self._wsum
+        for k in np.flatnonzero(np.any(frac != 0, axis=1)).tolist():
+            y, x = int(local[k, 0]), int(local[k, 1])
+            view = wsum[y : y + m, x : x + m]
+            add(view, weights[k], out=view)
     def _fourier_shift(self, block: Any, frac: np.ndarray, double: bool) -> np.ndarray:
         """Resample each patch onto the integer grid, p'(i) = p(i - f), axis by axis.
 
@@ -424,12 +484,34 @@ class StitchAccumulator:
         """``obj = sum(w * patch) / sum(w)`` where the summed weight exceeds ``threshold``,
         0 elsewhere; the canvas is exactly the bounding box of the placed footprints."""
         h, w = self.shape
-        canvas, wsum = self._canvas[:h, :w], self._wsum[:h, :w]
+        corners = (np.concatenate(self._corners) if self._corners
+                   else np.zeros((0, 2), np.int64))
+        if self._planned_sum is not None and _same_corners(corners, self._planned_corners):
+            total = self._planned_sum.result()
+            # Handed out below as the result's weight map: a later result() recomputes.
+            self._planned_sum = None
+        else:
+            total = placed_weight_sum(corners, self._plain_weights(), self.shape,
+                                      dtype=self._rdtype)
+        # Whole-pixel footprints lie inside the unpadded box (same FFT sizes as without
+        # bilinear: bit-identical for integer positions).
+        wsum = total if self._wsum is None else total + self._wsum[:h, :w]
+        canvas = self._canvas[:h, :w]
         mask = wsum > threshold
         obj = np.zeros((h, w), dtype=np.complex64)
         np.divide(canvas, wsum, out=obj, where=mask, casting="same_kind")
-        return StitchedObject(obj=obj, weight=np.array(wsum, dtype=np.float32), mask=mask,
+        # ``wsum`` is a fresh array (no copy of a 4k x 4k map: page faults cost ~0.1 s).
+        return StitchedObject(obj=obj, weight=wsum.astype(np.float32, copy=False), mask=mask,
                               origin_px=self.origin_px)
+
+
+def _same_corners(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two (K, 2) corner lists hold the same corners, in any order."""
+    if a.shape != b.shape:
+        return False
+    if np.array_equal(a, b):
+        return True
+    return bool(np.array_equal(a[np.lexsort(a.T[::-1])], b[np.lexsort(b.T[::-1])]))
 
 
 def stitch_patches(

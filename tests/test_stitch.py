@@ -401,7 +401,7 @@ def test_float32_accumulation_error() -> None:
 
     Bound: a sequential float32 sum of K terms errs by at most (K-1) u sum|terms|
     (u = 2^-24), for numerator and weight sum alike: <= 2 (K-1) u = 5.7e-6 relative for
-    their ratio. Measured 4.8e-7 of max |obj| (rms 8e-8); asserted: 2e-6, a quarter of
+    their ratio. Measured 4.0e-7 of max |obj| (rms 7e-8); asserted: 2e-6, a quarter of
     the 1e-5 parity budget (the runtime compares objects at 1e-5 relative)."""
     n, step = 32, 5
     obj = _object(140, 140, seed=5)
