@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import secrets
 import stat
@@ -269,6 +270,22 @@ def _parse_weights(source: str, blob: bytes, expected: dict[str, torch.Tensor]
     return weights
 
 
+def _check_amplitude_scale(source: str, configured: float,
+                           state_dict: dict[str, torch.Tensor]) -> None:
+    """The input scale lives twice: in config.json (read by export, the manifest and the
+    physics layer) and as a buffer in the weights (read by the network). Loading would
+    silently take the weights' value, so the two must agree (to float32 rounding)."""
+    stored = state_dict.get("amplitude_scale")
+    if stored is None:
+        return
+    in_weights = float(stored)
+    if not math.isclose(in_weights, float(np.float32(configured)), rel_tol=1e-6):
+        raise BundleError(f"{source}: config.json's normalization amplitude_scale "
+                          f"{configured:.6g} disagrees with the weights' {in_weights:.6g}; "
+                          "the bundle was edited or assembled from two runs: re-create it "
+                          "with ptycho-train")
+
+
 def read_bundle(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTES) -> Bundle:
     source = str(path)
     manifest, blobs = read_members(path, max_member_bytes)
@@ -313,6 +330,7 @@ def read_bundle(path: str | os.PathLike, max_member_bytes: int = MAX_MEMBER_BYTE
     except (IndexError, RuntimeError, ValueError) as err:
         raise BundleError(f"{source}: config.json describes no buildable model: {err}") from None
     state_dict = _parse_weights(source, blobs["weights.safetensors"], expected)
+    _check_amplitude_scale(source, normalization.amplitude_scale, state_dict)
     return Bundle(path=Path(path), manifest=manifest, config=config,
                   normalization=normalization, training=config_all["training"],
                   data=config_all["data"], probe=probe, state_dict=state_dict, golden=golden)

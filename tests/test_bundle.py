@@ -419,6 +419,21 @@ def test_malformed_config_refused(tmp_path: Path, tiny_bundle: Path, config, fra
     refused(path, fragment)
 
 
+def test_config_scale_disagreeing_with_the_weights_refused(tmp_path: Path,
+                                                           tiny_bundle: Path) -> None:
+    """config.json's amplitude_scale feeds export and physics, the weights' buffer feeds
+    the network: a bundle where they differ would export one model and describe another."""
+    def edit(config: dict) -> dict:
+        config["normalization"]["amplitude_scale"] = 0.75
+        return config
+
+    path = rewrite_bundle(tiny_bundle, tmp_path / "scale.zip", edit_config(edit))
+    refused(path, "amplitude_scale 0.75 disagrees with the weights' 0.5", "ptycho-train")
+    untouched = read_bundle(rewrite_bundle(tiny_bundle, tmp_path / "same.zip",
+                                           edit_config(lambda config: config)))
+    assert untouched.normalization.amplitude_scale == 0.5
+
+
 @pytest.mark.parametrize("widths", [[], [-1, 4]])
 def test_unbuildable_model_config_refused(tmp_path: Path, tiny_bundle: Path, widths) -> None:
     def edit(config: dict) -> dict:
