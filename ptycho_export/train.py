@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +167,30 @@ def fit_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: A
                 signal.signal(signal.SIGINT, handler)
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning's rank-zero log carries a product tip (litlogger) on every Trainer; the
+    device lines and real warnings stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Hide two lines a user can do nothing about: the litlogger tip and torch 2.13's
+    FutureWarning on ``LeafSpec``, which Lightning's own pytree helper triggers."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    advert = _DropAdverts()
+    log.addFilter(advert)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`",
+                                    category=FutureWarning)
+            yield
+    finally:
+        log.removeFilter(advert)
+
+
 def train(
     data_path: str | os.PathLike, bundle_path: str | os.PathLike,
     run_dir: str | os.PathLike | None = None, options: TrainOptions | None = None,
@@ -191,24 +218,25 @@ def train(
     logger = CSVLogger(run, name="logs")
     _ = logger.version  # fix the version folder now, so spawned workers log where we read
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
-    trainer = L.Trainer(
-        max_epochs=options.epochs,
-        accelerator=options.accelerator,
-        devices=options.devices,
-        strategy=options.strategy,
-        num_nodes=options.num_nodes,
-        default_root_dir=run,
-        logger=logger,
-        callbacks=[history, checkpoints],
-        enable_progress_bar=options.progress,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    last = run / "checkpoints" / "last.ckpt"
-    # Our own run folder's checkpoint (Lightning's format) is trusted for resuming only;
-    # bundles never contain pickles.
-    fit_interrupted(trainer, module, datamodule,
-                    str(last) if options.resume and last.exists() else None)
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            max_epochs=options.epochs,
+            accelerator=options.accelerator,
+            devices=options.devices,
+            strategy=options.strategy,
+            num_nodes=options.num_nodes,
+            default_root_dir=run,
+            logger=logger,
+            callbacks=[history, checkpoints],
+            enable_progress_bar=options.progress,
+            enable_model_summary=False,
+            log_every_n_steps=1,
+        )
+        last = run / "checkpoints" / "last.ckpt"
+        # Our own run folder's checkpoint (Lightning's format) is trusted for resuming only;
+        # bundles never contain pickles.
+        fit_interrupted(trainer, module, datamodule,
+                        str(last) if options.resume and last.exists() else None)
 
     quality: dict[str, Any] = {}
     if trainer.is_global_zero:

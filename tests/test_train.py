@@ -1,6 +1,7 @@
 """End-to-end: simulate -> train (Lightning) -> bundle -> eager reconstruction beats a baseline."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -79,17 +80,24 @@ def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
     assert len(result.history) == 2
 
 
-def test_train_cli_tiny_run_and_bad_input(tmp_path):
+def test_train_cli_tiny_run_and_bad_input(tmp_path, capfd):
     from cli.train import app
 
     scan = simulate_scan(SimulationConfig(patch_size=32, grid_shape=(4, 4), step_px=4,
                                           probe_diameter_px=12, defocus=3))
     save_scan(tmp_path / "scan.npz", scan)
     runner = CliRunner()
-    result = runner.invoke(app, [str(tmp_path / "scan.npz"), "-o", str(tmp_path / "b.zip"),
-                                 "--epochs", "1", "--preset", "tiny", "--no-progress",
-                                 "--accelerator", "cpu", "--devices", "1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, [str(tmp_path / "scan.npz"), "-o",
+                                     str(tmp_path / "b.zip"), "--epochs", "1", "--preset",
+                                     "tiny", "--no-progress", "--accelerator", "cpu",
+                                     "--devices", "1"])
     assert result.exit_code == 0, result.output
+    # No advert and no torch-vs-Lightning deprecation noise reaches the user.
+    printed = result.output + "".join(capfd.readouterr())
+    assert "litlogger" not in printed and "LeafSpec" not in printed
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]
     assert (tmp_path / "b.zip").is_file()
     assert "phase RMSE" in result.output
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
