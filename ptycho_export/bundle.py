@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import secrets
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.generator import PtychoNet
 from ptycho_export.normalization import Normalization
+from runtime.atomic import written_atomic
 from runtime.errors import BundleError, EnvironmentProblem, naming
 
 FORMAT_NAME = "ptycho-export-bundle"
@@ -129,25 +129,14 @@ def write_bundle(
                     for name, blob in members.items()},
     }
     target = Path(path)
-    # Not mkstemp: its 0600 mode would survive the rename and hide the bundle from the
-    # group; O_EXCL with the umask-respecting 0666 is just as safe against clobbering.
-    tmp_name = str(target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as err:  # the error names the bundle the user asked for
-        raise naming(err, target) from err
-    try:
-        with zipfile.ZipFile(tmp_name, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with written_atomic(target) as tmp, \
+                zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             archive.writestr("manifest.json", json.dumps(manifest, indent=2, sort_keys=True))
             for name, blob in members.items():
                 archive.writestr(name, blob)
-        os.replace(tmp_name, target)
-    except BaseException as err:
-        Path(tmp_name).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise naming(err, target) from err
-        raise
+    except OSError as err:  # the error names the bundle the user asked for
+        raise naming(err, target) from err
     return target
 
 

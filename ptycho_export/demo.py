@@ -20,6 +20,7 @@ from ptycho_export.data.simulate import SimulationConfig, simulate_scan
 from ptycho_export.export.pipeline import ExportOptions, export_bundle
 from ptycho_export.reconstruct import quality_report, reconstruct_eager
 from ptycho_export.train import TrainOptions, train
+from runtime.atomic import write_atomic
 from runtime.images import amplitude_rgb, phase_rgb, save_comparison_png, upscale_nearest
 from runtime.inputs import InputOptions
 from runtime.metrics import align_to_reference
@@ -62,9 +63,8 @@ def object_parity(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    with write_atomic(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSettings | None = None,
@@ -97,9 +97,9 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
     timings["reconstruct_s"] = time.perf_counter() - started
     quality = quality_report(recon, scan)
     stitched = recon.stitched
-    np.savez(out / ".object.tmp.npz", object=stitched.obj, mask=recon.well_lit,
-             origin_px=np.asarray(stitched.origin_px))
-    os.replace(out / ".object.tmp.npz", out / "object_eager.npz")
+    with write_atomic(out / "object_eager.npz") as handle:
+        np.savez(handle, object=stitched.obj, mask=recon.well_lit,
+                 origin_px=np.asarray(stitched.origin_px))
     truth = align_to_reference(crop_to(scan.object_truth, stitched), stitched.obj, recon.well_lit)
     panels = [
         ("reconstruction |O|", amplitude_rgb(np.abs(stitched.obj), recon.well_lit)),

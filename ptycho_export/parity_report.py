@@ -30,7 +30,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.atomic import write_atomic
 from runtime.compare import DEFAULT_TOLERANCES, OutputStats, compare_outputs, tolerance_failures
 from runtime.errors import ArtifactError, DataError, EnvironmentProblem, ParityError, PtychoError
 from runtime.images import (
@@ -550,16 +550,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json_atomic(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_safe(payload), indent=2, sort_keys=True, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with write_atomic(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
     return path
 
 

@@ -30,6 +30,7 @@ from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
 from ptycho_export.reconstruct import quality_report, reconstruct_eager
+from runtime.atomic import write_atomic, written_atomic
 from runtime.errors import DataError
 from runtime.scan import ScanData, load_scan
 
@@ -121,10 +122,11 @@ def save_loss_curve(path: Path, rows: list[dict[str, float]], loss: str = "poiss
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with written_atomic(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
 
 
 def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
@@ -141,9 +143,8 @@ def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    with write_atomic(path, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=True))
 
 
 def fit_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: Any,

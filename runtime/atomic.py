@@ -1,11 +1,91 @@
-"""The one folder-swap every output folder goes through (export, run, Triton repository)."""
+"""Atomic outputs: every file and folder the tools write appears whole or not at all.
+
+One way for all of them (bundles, scans, PNGs, JSON, npz, ptychodus products, export and
+run folders): write under a temporary name beside the target, then ``os.replace``. A
+reader never sees a half-written file, a failure or Ctrl-C removes the temporary and
+leaves any previous output intact.
+
+Temporary names are ``.<name>.<random>.tmp``: hidden, unique (two runs never share one),
+and never matching a watcher's pattern such as ``*.h5`` (ptychodus watches a folder).
+Files are created with ``O_EXCL`` and mode 0666 minus the umask, like a plain ``open()``:
+``mkstemp``'s 0600 would survive the rename and hide a bundle or image from the group.
+Callers map ``OSError`` to their own one-line message; nothing here prints.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["replace_dir", "temp_dir_beside", "write_atomic", "written_atomic"]
+
+
+def _temp_name(target: Path) -> Path:
+    return target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def written_atomic(target: str | os.PathLike[str], *, durable: bool = False,
+                   make_parents: bool = True) -> Iterator[Path]:
+    """Yield a fresh, empty temporary path beside ``target`` for writers that want a
+    file name (zipfile, h5py, matplotlib); on success it replaces ``target``.
+
+    ``durable``: fsync the file before the rename, so a crash right after cannot leave
+    a renamed but empty file (for data files others pick up: scans, products).
+    ``make_parents=False``: a missing folder is an error (FileNotFoundError), not made.
+    """
+    target = Path(target)
+    if make_parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(target)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        if durable:
+            _fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def write_atomic(target: str | os.PathLike[str], mode: str = "wb", *, durable: bool = False,
+                 make_parents: bool = True, **open_args: Any) -> Iterator[IO[Any]]:
+    """Yield an open file (``mode`` "wb" or "w"; text mode takes ``encoding`` etc.) on a
+    temporary name beside ``target``; on success it is flushed (and fsynced when
+    ``durable``) and replaces ``target``."""
+    if mode not in ("wb", "w"):
+        raise ValueError(f"write_atomic writes new files: mode 'wb' or 'w', got {mode!r}")
+    with written_atomic(target, make_parents=make_parents) as tmp, \
+            open(tmp, mode, **open_args) as handle:  # noqa: PTH123
+        yield handle
+        handle.flush()
+        if durable:
+            os.fsync(handle.fileno())
+
+
+def temp_dir_beside(outdir: Path) -> Path:
+    """Create and return an empty hidden folder next to ``outdir`` (its parent is made
+    if needed) to fill and then swap in with :func:`replace_dir`."""
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    return tmp
 
 
 def replace_dir(tmp: Path, outdir: Path) -> None:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.atomic import write_atomic, written_atomic
 from runtime.errors import DataError, EnvironmentProblem
 from runtime.geometry import ObjectGeometry
 
@@ -287,28 +287,16 @@ def write_product(path: str | os.PathLike[str], *, obj: Any, object_geometry: Ob
                   positions_y_m=positions_y_m, indexes=indexes, name=name, comments=comments,
                   metadata=metadata, loss_epochs=loss_epochs, loss_values=loss_values)
     # The temporary name never matches a watcher's pattern (product-out.h5, *.h5, ...).
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     try:
         if fmt == "h5":
-            _write_h5(tmp, c)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with written_atomic(target, durable=True, make_parents=False) as tmp:
+                _write_h5(tmp, c)
         else:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            with os.fdopen(fd, "wb") as fh:
+            with write_atomic(target, durable=True, make_parents=False) as fh:
                 np.savez(fh, **_npz_arrays(c))
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DataError(f"{target}: cannot write ptychodus product "
-                            f"({err.strerror or err})") from err
-        raise
+    except OSError as err:
+        raise DataError(f"{target}: cannot write ptychodus product "
+                        f"({err.strerror or err})") from err
     if touch:
         _announce(target)
     return target

@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import partial
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.atomic import replace_dir
+from runtime.atomic import replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
@@ -643,10 +642,8 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         else str(inputs.ptychodus_product),
     }
 
-    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = temp_dir_beside(outdir)
     except OSError as err:  # the error names the folder the user asked for
         raise naming(err, outdir) from err
     try:

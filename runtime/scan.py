@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 import tokenize
 import zipfile
 import zlib
@@ -31,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.atomic import write_atomic
 from runtime.errors import ENVIRONMENT_ERRNOS, DataError, EnvironmentProblem, PtychoError
 
 AMPLITUDE_KEY = "diffraction"
@@ -209,19 +209,22 @@ def _check_probe(raw: Any, n: int, source: str, key: str) -> np.ndarray:
     return out
 
 
+def _check_one_per_pattern(arr: np.ndarray, m: int, amp_key: str, source: str, key: str,
+                           what: str) -> None:
+    """A per-pattern vector: rank 1, one ``what`` (position, index) per pattern."""
+    if arr.ndim != 1:
+        raise _fail(source, key, f"has rank {arr.ndim} (shape {arr.shape}); expected (M,)")
+    if arr.shape[0] != m:
+        plural = "entries" if what == "index" else f"{what}s"
+        raise _fail(source, key, f"has {arr.shape[0]} {plural} but '{amp_key}' has {m} "
+                                 f"patterns; there must be one {what} per pattern")
+
+
 def _check_coords(raw: Any, m: int, amp_key: str, source: str, key: str) -> np.ndarray:
     arr = _as_array(raw, source, key)
     if arr.dtype.kind not in "iuf":
         raise _fail(source, key, f"has dtype {arr.dtype}; expected real positions in pixels")
-    if arr.ndim != 1:
-        raise _fail(source, key, f"has rank {arr.ndim} (shape {arr.shape}); expected (M,)")
-    if arr.shape[0] != m:
-        raise _fail(
-            source,
-            key,
-            f"has {arr.shape[0]} positions but '{amp_key}' has {m} patterns; "
-            "there must be one position per pattern",
-        )
+    _check_one_per_pattern(arr, m, amp_key, source, key, "position")
     out = arr.astype(np.float64)
     _check_finite(out, source, key, "positions", "pattern")
     return out
@@ -241,15 +244,7 @@ def _check_object(raw: Any, source: str, key: str) -> np.ndarray:
 
 def _check_scan_index(raw: Any, m: int, amp_key: str, source: str, key: str) -> np.ndarray:
     arr = _as_array(raw, source, key)
-    if arr.ndim != 1:
-        raise _fail(source, key, f"has rank {arr.ndim} (shape {arr.shape}); expected (M,)")
-    if arr.shape[0] != m:
-        raise _fail(
-            source,
-            key,
-            f"has {arr.shape[0]} entries but '{amp_key}' has {m} patterns; "
-            "there must be one index per pattern",
-        )
+    _check_one_per_pattern(arr, m, amp_key, source, key, "index")
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64)
     # Integral floats (e.g. written by MATLAB) are fine; anything else is not an index.
@@ -321,6 +316,17 @@ def validate_scan(
 # --------------------------------------------------------------------------- file I/O
 
 
+def read_npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """(shape, fortran_order, dtype) from an open .npy stream positioned at its start,
+    leaving it at the first data byte; None for a format version numpy may add later."""
+    version = np.lib.format.read_magic(handle)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    return None
+
+
 def _check_member_size(npz: Any, key: str, source: str) -> None:
     """Refuse a member whose .npy header declares more data than the member holds, before
     numpy allocates the declared size (a forged 10**12-pattern header would otherwise
@@ -330,13 +336,10 @@ def _check_member_size(npz: Any, key: str, source: str) -> None:
         archive = npz.zip
         info = archive.getinfo(f"{key}.npy")
         with archive.open(info) as handle:
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:
+            parsed = read_npy_header(handle)
+            if parsed is None:
                 return
+            shape, _, dtype = parsed
             header = handle.tell()
     except Exception:  # noqa: BLE001 - numpy's own read below reports what is wrong
         return
@@ -445,24 +448,11 @@ def save_scan(path: str | os.PathLike[str], scan: ScanData) -> None:
     """
     target = Path(os.fspath(path))
     arrays = _scan_arrays(scan)
-    directory = target.parent
-    tmp = directory / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        # os.open with mode 0o666 lets the umask decide permissions, like a plain open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:  # a missing folder is the user's to make: an error, not created here
+        with write_atomic(target, durable=True, make_parents=False) as fh:
+            np.savez(fh, **arrays)
     except OSError as err:
         raise _write_error(target, err) from err
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise _write_error(target, err) from err
-        raise
 
 
 def _write_error(target: Path, err: OSError) -> PtychoError:

@@ -45,6 +45,7 @@ from runtime.scan import (
     _first_index,
     _read_key,
     load_scan,
+    read_npy_header,
 )
 
 __all__ = ["CHECK_CHUNK_BYTES", "check_amplitudes_chunked", "memmap_npz_member", "open_scan"]
@@ -93,13 +94,10 @@ def _mapped_member(path: str | os.PathLike[str], key: str
                 return None  # the zip reader refuses such an archive: let it say why
             start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
             handle.seek(start)
-            version = np.lib.format.read_magic(handle)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
-            elif version == (2, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
-            else:
+            parsed = read_npy_header(handle)
+            if parsed is None:
                 return None
+            shape, fortran, dtype = parsed
             offset = handle.tell()
             handle.seek(start)
             header_crc = zlib.crc32(handle.read(offset - start))

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from ptycho_export.parity import (
     run_parity,
     torchscript_runner,
 )
-from runtime.atomic import replace_dir
+from runtime.atomic import replace_dir, temp_dir_beside
 from runtime.compare import DEFAULT_TOLERANCES
 from runtime.errors import ParityError, naming
 
@@ -251,10 +250,8 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     shape = [b, *golden.shape[1:]]
     sample_out = tuple(golden.shape[1:]) if output_sample_shape is None else output_sample_shape
     out_shape = [b, *sample_out]
-    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        outdir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = temp_dir_beside(outdir)
     except OSError as err:  # the error names the folder the user asked for
         raise naming(err, outdir) from err
     try:

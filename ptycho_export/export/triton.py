@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import replace_dir
+from runtime.atomic import replace_dir, temp_dir_beside
 from runtime.errors import PtychoError
 
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -72,10 +71,8 @@ def write_triton_repository(export_dir: Path, repository: Path, name: str,
     manifest = json.loads((export_dir / "manifest.json").read_text())
     if set(manifest.get("artifacts", {})) - {"physics"} != {"onnx"}:
         raise TritonUsageError("a Triton version folder holds the ONNX artifact only")
-    repository.mkdir(parents=True, exist_ok=True)
-    staging = repository / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging = temp_dir_beside(repository / name)
     try:
-        staging.mkdir()
         shutil.copytree(export_dir, staging / "1")
         (staging / "config.pbtxt").write_text(triton_config(manifest, name, **config_options))
         replace_dir(staging, repository / name)
