@@ -40,17 +40,18 @@ interleaved in groups of 8 (fewer, longer rows per add: 10 % slower) and splitti
 adds over two threads (each small add hands the GIL back and forth faster than a
 sleeping thread wakes up: 30 % slower), because it streams no index arrays and each
 64x64 block stays in cache. Per-patch arithmetic (crop, weighting, shifting) is
-vectorised over chunks of ``chunk`` patches into two reused buffers, so a memory-mapped
-stack of 100k patches is never copied whole and no per-patch temporaries are made; with
-``prefetch`` a helper thread prepares chunk j+1 (large numpy calls, which release the
-GIL) while chunk j is placed. The denominator, the weight sum, is no per-patch loop at
-all: every whole-pixel patch carries the same weight map, so the sum is one convolution
-of the patch corners with it (runtime/weight_sum.py: float64 FFTs in row bands, on
-threads, GIL released). It depends on the positions alone, so with ``prefetch`` it
-starts in the background as soon as the canvas is planned, and
-:meth:`StitchAccumulator.result` takes it if the patches added sit exactly at the
-planned corners (in any order), else computes it then. Bilinear patches with a
-fractional offset splat their own weights and still add them one by one.
+vectorised over chunks of ``chunk`` patches into a few reused buffers, so a
+memory-mapped stack of 100k patches is never copied whole and no per-patch temporaries
+are made; with ``prefetch`` helper threads prepare the next chunks (large numpy calls
+and FFTs, which release the GIL) while chunk j is placed: one for whole-pixel placement,
+one per core (up to 8) for the sub-pixel modes, whose FFTs outweigh the slice-adds 20 to
+1. The denominator, the weight sum, is no per-patch loop at all: every whole-pixel patch
+carries the same weight map, so the sum is one convolution of the patch corners with it
+(runtime/weight_sum.py: float64 FFTs in row bands, on threads, GIL released). It depends
+on the positions alone, so with ``prefetch`` it starts in the background as soon as the
+canvas is planned, and :meth:`StitchAccumulator.result` takes it if the patches added
+sit exactly at the planned corners (in any order), else computes it then. Bilinear
+patches with a fractional offset splat their own weights and still add them one by one.
 
 Precision: the canvas accumulates in single precision by default (complex64 values;
 ``accumulate="float64"`` gives complex128). The slice-adds are memory-bound, so halving
@@ -81,6 +82,8 @@ patches); :func:`stitch_patches` is the one-call form.
 
 from __future__ import annotations
 
+import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -109,15 +112,18 @@ SUBPIXEL_METHODS = ("none", "fourier", "bilinear")
 # 1.0e-3 untrimmed, 3.9e-4 at 2 px, 3.5e-4 at 3 px (without the detrending: 5.9e-3,
 # 2.3e-3, 2.2e-3); rounding to whole pixels ("none"): 6.5e-3. 2 px keeps most of a patch.
 FOURIER_TRIM = 2
-# Patches per vectorised step. Sub-pixel modes: blocks of a few MB stay in cache (10k
-# 64x64 patches on a 2-core machine: fourier 1.3 s at 64 vs 5.0 s at 4096, bilinear 0.5 s
-# at 64 vs 1.3 s at 4096). Integer placement: chunks of CHUNK_BYTES (128 patches of
+# Patches per vectorised step. Sub-pixel modes: blocks that stay in a core's cache, since
+# every core prepares chunks (10k 64x64 patches, fractional positions, 2-core EPYC, two
+# helper threads: fourier 0.86 s at 8, 0.64-0.69 s at 16-24, 0.73 s at 32, 0.85 s at 64;
+# bilinear 0.52 s at 8, 0.34 s at 24-32, 0.38 s at 64; with one helper thread fourier
+# took 1.1 s at 64). Integer placement: chunks of CHUNK_BYTES (128 patches of
 # 64x64 complex64), large enough that handing each chunk to the prefetch thread costs
 # little, small enough that two of them and the canvas stay in cache (10k 64x64, best
 # of 9 on a 2-core EPYC: 0.076 s at 96, 0.081 s at 128, 0.079 s at 192, 0.083 s at 256;
 # the Xeon before the weight-sum change: 0.126 s at 64, 0.107 s at 256, 0.119 s at 512).
-DEFAULT_CHUNK = {"fourier": 64, "bilinear": 64}
+DEFAULT_CHUNK = {"fourier": 24, "bilinear": 32}
 CHUNK_BYTES = 4 << 20
+MAX_PREPARE_WORKERS = 8
 ACCUMULATE = {"float32": (np.complex64, np.float32), "float64": (np.complex128, np.float64)}
 
 
@@ -210,8 +216,8 @@ class StitchAccumulator:
         accumulate: ``"float32"`` (default: complex64 canvas, float32 weight sum) or
             ``"float64"`` (complex128 / float64: the reference; twice the memory and about
             twice the time). See the module docstring for the error of float32.
-        prefetch: prepare the next chunk (crop, weighting, sub-pixel shift) in a helper
-            thread while the current one is placed, and start the weight sum for the
+        prefetch: prepare the next chunks (crop, weighting, sub-pixel shift) in helper
+            threads while the current one is placed, and start the weight sum for the
             planned positions in the background; the result is bit-identical either
             way. Off: everything on the calling thread (the weight sum's FFT bands may
             still use a few threads in :meth:`result`).
@@ -248,8 +254,14 @@ class StitchAccumulator:
         self.count = 0
         self.accumulate = accumulate
         self._cdtype, self._rdtype = ACCUMULATE[accumulate]
-        self._buffers: list[np.ndarray | None] = [None, None]  # reused weighted chunks
         self.prefetch = bool(prefetch)
+        # Helper threads preparing chunks. Whole-pixel placement only weights a chunk
+        # (memory-bound, ~3.5 us a patch), so one keeps up with the slice-adds; a
+        # sub-pixel shift is ~100 us of FFTs a patch, so every core gets a share.
+        self.prepare_workers = (1 if subpixel == "none"
+                                else max(1, min(MAX_PREPARE_WORKERS, os.cpu_count() or 1)))
+        # Reused weighted chunks: one per chunk in flight, plus the one being placed.
+        self._buffers: list[np.ndarray | None] = [None] * (self.prepare_workers + 1)
 
         self._w64: np.ndarray | None = None
         self._w32: np.ndarray | None = None
@@ -338,23 +350,28 @@ class StitchAccumulator:
         w = self._w64 if double else self._w32
         starts = list(range(0, b, self.chunk))
 
+        workers = self.prepare_workers
+        slots = workers + 1  # chunks in flight, plus the one being placed
+
         def prepare(j: int) -> tuple[int, tuple[np.ndarray, Any]]:
             """Chunk j's vectorised work (trim, shift, weight, splat); no canvas access."""
             start = starts[j]
             stop = min(start + self.chunk, b)
             return start, self._prepare(patches[start:stop], frac[start:stop], w, double,
-                                        slot=j % 2)
+                                        slot=j % slots)
 
         if self.prefetch and len(starts) > 1:
-            # Chunk j+1 is prepared in a helper thread while chunk j is placed: the big
-            # vectorised numpy calls there release the GIL, the slice-adds here do not
-            # need the other core. Placement stays in patch order: bit-identical results.
-            with ThreadPoolExecutor(1, thread_name_prefix="stitch-prepare") as pool:
-                pending = pool.submit(prepare, 0)
+            # The next chunks are prepared in helper threads while chunk j is placed: the
+            # big vectorised numpy calls and FFTs there release the GIL, the slice-adds
+            # here need little of a core. Placement stays in patch order: bit-identical
+            # results whatever the number of helpers.
+            with ThreadPoolExecutor(workers, thread_name_prefix="stitch-prepare") as pool:
+                pending = deque(pool.submit(prepare, j)
+                                for j in range(min(workers, len(starts))))
                 for j in range(len(starts)):
-                    start, prepared = pending.result()
-                    if j + 1 < len(starts):
-                        pending = pool.submit(prepare, j + 1)
+                    start, prepared = pending.popleft().result()
+                    if j + workers < len(starts):
+                        pending.append(pool.submit(prepare, j + workers))
                     stop = start + len(prepared[0])
                     self._place(prepared, local[start:stop], frac[start:stop])
         else:
@@ -373,9 +390,8 @@ class StitchAccumulator:
         return np.asarray(block[:, c : n_patch - c, c : n_patch - c])
 
     def _weighted(self, block: np.ndarray, w: np.ndarray, slot: int) -> np.ndarray:
-        """``block * w`` in the canvas dtype, into one of two buffers reused across chunks
-        (no per-chunk allocation; two, so the helper thread fills one while the other is
-        placed)."""
+        """``block * w`` in the canvas dtype, into a buffer reused across chunks (no
+        per-chunk allocation; one per chunk in flight plus the one being placed)."""
         b = len(block)
         buffer = self._buffers[slot]
         if buffer is None or len(buffer) < b:

@@ -439,3 +439,23 @@ def test_prefetch_and_accumulate_options() -> None:
         np.testing.assert_array_equal(a.result().weight, b.result().weight)
     with pytest.raises(DataError, match="accumulate"):
         StitchAccumulator(pos, N, accumulate="float16")
+
+
+@pytest.mark.parametrize("cores", [1, 3])
+def test_prepare_workers_change_nothing(cores: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sub-pixel chunks are prepared by one helper per core; placement stays in patch
+    order, so any number of helpers gives the same bits."""
+    rng = np.random.default_rng(14)
+    m = 200
+    patches = (rng.standard_normal((m, N, N)) + 1j * rng.standard_normal((m, N, N))).astype(
+        np.complex64)
+    pos = rng.uniform(0, 60, (m, 2))
+    w = rng.random((N, N))
+    monkeypatch.setattr("runtime.stitch.os.cpu_count", lambda: cores)
+    for method in ("fourier", "bilinear", "none"):
+        acc = StitchAccumulator(pos, N, weights=w, subpixel=method, chunk=8)
+        assert acc.prepare_workers == (1 if method == "none" else cores)
+        ref = StitchAccumulator(pos, N, weights=w, subpixel=method, chunk=8, prefetch=False)
+        acc.add(patches, pos)
+        ref.add(patches, pos)
+        np.testing.assert_array_equal(acc.result().obj, ref.result().obj)
