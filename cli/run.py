@@ -70,7 +70,8 @@ def run_command(
         "ARTIFACT, else onnx.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Patterns per inference call (dynamic-batch artifacts). Default: the "
-        "largest power of two <= 1024 that fits the free memory (report.json says why).")
+        "largest power of two that fits the free memory, at most 1024 on a GPU and 256 on "
+        "the CPU, where larger batches run slower (report.json says why).")
                           ] = None,
     subpixel: Annotated[str | None, typer.Option(
         help="Sub-pixel patch placement when stitching: none (round to whole pixels), "

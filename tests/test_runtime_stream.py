@@ -28,6 +28,7 @@ from runtime.run import (
     DEFAULT_BATCH,
     GPU_HEADROOM_BYTES,
     MAX_AUTO_BATCH,
+    MAX_AUTO_BATCH_CPU,
     RunUsageError,
     auto_batch,
     bytes_per_pattern,
@@ -234,7 +235,7 @@ def test_streaming_run_equals_the_in_memory_path(tmp_path: Path, big_scans: dict
         np.savez(scans["stored"], **arrays)
         np.savez_compressed(scans["compressed"], **arrays)
     mapped = run_scan(artifact, scans["stored"], tmp_path / "mapped", provider="cpu",
-                      batch_size=256, progress=False)
+                      batch_size=100, progress=False)
     assert mapped["data"]["memory_mapped"] is True
     assert mapped["stitch"] == {"subpixel": "fourier", "crop": FOURIER_TRIM,
                                 "subpixel_reason": mapped["stitch"]["subpixel_reason"],
@@ -355,6 +356,8 @@ def test_bytes_per_pattern_estimate() -> None:
 def test_choose_batch() -> None:
     assert choose_batch(10**6, None) == DEFAULT_BATCH == 256
     assert choose_batch(10**6, 2**30) == MAX_AUTO_BATCH == 1024
+    assert choose_batch(10**6, 2**30, cap=MAX_AUTO_BATCH_CPU) == MAX_AUTO_BATCH_CPU == 256
+    assert choose_batch(10**6, None, cap=64) == 64
     assert choose_batch(10**6, 3 * 10**8) == 256
     assert choose_batch(10**9, 10) == 1
 
@@ -380,6 +383,9 @@ def test_auto_batch_cpu(tmp_path: Path) -> None:
     batch, facts = auto_batch(spec, _info("cpu"), meminfo=tmp_path / "missing")
     assert batch == DEFAULT_BATCH and facts["source"] == "default"
     assert "unknown" in facts["reason"]
+    meminfo.write_text(f"MemAvailable: {per * 100_000 // 1024} kB\n")  # room for 25,000
+    batch, facts = auto_batch(spec, _info("cpu"), meminfo=meminfo)
+    assert batch == MAX_AUTO_BATCH_CPU and "CPU: larger batches are slower" in facts["reason"]
 
 
 def test_auto_batch_cuda() -> None:
@@ -398,6 +404,8 @@ def test_auto_batch_cuda() -> None:
     assert batch == 1 and facts["budget_bytes"] == 0
     batch, facts = auto_batch(spec, _info("cuda"), gpu_free=lambda _: None)
     assert batch == DEFAULT_BATCH and "unknown" in facts["reason"]
+    batch, _ = auto_batch(spec, _info("cuda"), gpu_free=lambda _: 10**6 * per)
+    assert batch == MAX_AUTO_BATCH  # the GPU keeps the larger cap
 
 
 def test_cuda_free_bytes_reads_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -585,3 +593,14 @@ def test_validate_scan_unchanged_for_memory_inputs() -> None:
                          arrays["ycoords"])
     assert not isinstance(scan.amplitudes, np.memmap)
     assert os.fspath(scan.source) == "<memory>"
+
+
+def test_batch_larger_than_the_scan_says_so(tmp_path: Path, big_scans: dict[str, Path],
+                                            toy_artifacts: dict[str, Path]) -> None:
+    arrays = _arrays(m=40)
+    path = tmp_path / "small.npz"
+    np.savez(path, **arrays)
+    report = run_scan(toy_artifacts["g1"], path, tmp_path / "out", provider="cpu",
+                      batch_size=100, progress=False)
+    assert report["batch_size"] == 40 and report["batches"] == 1
+    assert report["batch_choice"]["reason"] == "--batch-size; the scan has only 40 patterns"
