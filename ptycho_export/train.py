@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ptycho_export.bundle import load_predictor, read_bundle, sha256_file, write_bundle
 from ptycho_export.data.module import ScanDataModule
@@ -31,7 +33,7 @@ from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
 from ptycho_export.reconstruct import quality_report, reconstruct_eager
 from runtime.atomic import write_atomic, written_atomic
-from runtime.errors import DataError
+from runtime.errors import DataError, EnvironmentProblem
 from runtime.scan import ScanData, load_scan
 
 
@@ -192,6 +194,20 @@ def _quiet_lightning() -> Iterator[None]:
         log.removeFilter(advert)
 
 
+def _device_problem(options: TrainOptions, err: Exception) -> EnvironmentProblem:
+    """Lightning's refusal of the accelerator/devices asked for, as one line: asking for
+    a GPU where torch sees none (a CPU build of torch, no driver) is the machine's
+    problem, not a crash."""
+    detail = " ".join(str(err).split())
+    if isinstance(err, ModuleNotFoundError):  # an accelerator whose package is missing
+        detail = detail.split(" HINT:")[0]
+    hint = ("use --accelerator cpu (or auto), or install the CUDA build of torch that fits "
+            "this machine's driver" if options.accelerator in ("gpu", "cuda")
+            else "use --accelerator auto, cpu or gpu")
+    return EnvironmentProblem(f"--accelerator {options.accelerator} --devices "
+                              f"{options.devices}: Lightning cannot use them ({detail}); {hint}")
+
+
 def train(
     data_path: str | os.PathLike, bundle_path: str | os.PathLike,
     run_dir: str | os.PathLike | None = None, options: TrainOptions | None = None,
@@ -207,6 +223,7 @@ def train(
     except ValueError as err:
         raise DataError(f"{scan.source or data_path}: {err} (beam off, or a dark-only "
                         "file?); train on a scan with measured diffraction") from err
+    new_run_folder = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(options.seed, workers=True, verbose=False)
@@ -220,19 +237,24 @@ def train(
     _ = logger.version  # fix the version folder now, so spawned workers log where we read
     checkpoints = ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, save_top_k=0)
     with _quiet_lightning():
-        trainer = L.Trainer(
-            max_epochs=options.epochs,
-            accelerator=options.accelerator,
-            devices=options.devices,
-            strategy=options.strategy,
-            num_nodes=options.num_nodes,
-            default_root_dir=run,
-            logger=logger,
-            callbacks=[history, checkpoints],
-            enable_progress_bar=options.progress,
-            enable_model_summary=False,
-            log_every_n_steps=1,
-        )
+        try:
+            trainer = L.Trainer(
+                max_epochs=options.epochs,
+                accelerator=options.accelerator,
+                devices=options.devices,
+                strategy=options.strategy,
+                num_nodes=options.num_nodes,
+                default_root_dir=run,
+                logger=logger,
+                callbacks=[history, checkpoints],
+                enable_progress_bar=options.progress,
+                enable_model_summary=False,
+                log_every_n_steps=1,
+            )
+        except (MisconfigurationException, ModuleNotFoundError) as err:
+            if new_run_folder:  # nothing was trained: leave no empty run folder behind
+                shutil.rmtree(run, ignore_errors=True)
+            raise _device_problem(options, err) from err
         last = run / "checkpoints" / "last.ckpt"
         # Our own run folder's checkpoint (Lightning's format) is trusted for resuming only;
         # bundles never contain pickles.

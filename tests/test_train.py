@@ -138,3 +138,19 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert any("parity gate PASS" in line for line in lines)
     assert any("self-check PASS" in line for line in lines)
     assert report["stitched_parity_onnx_vs_eager"]["rel_max"] < 1e-5
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_train_asking_for_a_missing_gpu_is_one_line_exit_4(tmp_path):
+    """Lightning's MisconfigurationException used to escape as a traceback (exit 1)."""
+    from cli.train import app
+
+    scan = simulate_scan(SimulationConfig(patch_size=32, grid_shape=(3, 3), step_px=4,
+                                          probe_diameter_px=12, defocus=3))
+    save_scan(tmp_path / "scan.npz", scan)
+    result = CliRunner().invoke(app, [str(tmp_path / "scan.npz"), "-o", str(tmp_path / "b.zip"),
+                                      "--accelerator", "gpu", "--epochs", "1", "--no-progress"])
+    assert result.exit_code == 4, result.output
+    assert result.stderr.count("\n") == 1
+    assert "--accelerator gpu" in result.stderr and "--accelerator cpu" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npz"]  # no bundle, no run folder
