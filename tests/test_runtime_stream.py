@@ -239,7 +239,7 @@ def test_streaming_run_equals_the_in_memory_path(tmp_path: Path, big_scans: dict
     assert mapped["data"]["memory_mapped"] is True
     assert mapped["stitch"] == {"subpixel": "fourier", "crop": FOURIER_TRIM,
                                 "subpixel_reason": mapped["stitch"]["subpixel_reason"],
-                                "weights": "|probe|^2"}
+                                "weights": "|probe|^2", "overlapped_with_inference": False}
     assert "not whole pixels" in mapped["stitch"]["subpixel_reason"]
     read = run_scan(artifact, scans["compressed"], tmp_path / "read", provider="cpu",
                     progress=False)  # automatic batch: other batch boundaries
@@ -604,3 +604,39 @@ def test_batch_larger_than_the_scan_says_so(tmp_path: Path, big_scans: dict[str,
                       batch_size=100, progress=False)
     assert report["batch_size"] == 40 and report["batches"] == 1
     assert report["batch_choice"]["reason"] == "--batch-size; the scan has only 40 patterns"
+
+
+@pytest.mark.parametrize("subpixel", ["fourier", "none"])
+def test_stitching_overlapped_with_inference_is_bit_identical(
+        tmp_path: Path, big_scans: dict[str, Path], toy_artifacts: dict[str, Path],
+        subpixel: str) -> None:
+    """On a GPU each batch is stitched in a helper thread while the next one is inferred;
+    forced on here, the result must equal the sequential path bit for bit."""
+    reports = {}
+    for overlap in (False, True):
+        reports[overlap] = run_scan(toy_artifacts["g1"], big_scans["stored"],
+                                    tmp_path / f"o{overlap}", provider="cpu", batch_size=96,
+                                    progress=False, subpixel=subpixel, overlap_stitch=overlap)
+        assert reports[overlap]["stitch"]["overlapped_with_inference"] is overlap
+    a, b = _object(tmp_path / "oFalse"), _object(tmp_path / "oTrue")
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert reports[True]["seconds"]["inference"] > 0 and reports[True]["seconds"]["stitch"] > 0
+
+
+def test_batch_stitcher_reports_a_helper_error_in_the_caller() -> None:
+    from runtime.run import BatchStitcher
+    from runtime.stitch import StitchAccumulator
+
+    acc = StitchAccumulator(np.array([[20.0, 20.0], [24.0, 24.0]]), 8)
+    ones = np.ones((1, 8, 8), np.float32)
+    with pytest.raises(DataError, match="outside the canvas"), \
+            BatchStitcher(acc, overlap=True) as stitcher:
+        stitcher.add(ones, ones, np.array([[20.0, 20.0]]))
+        stitcher.add(ones, ones, np.array([[90.0, 90.0]]))  # not planned: the helper fails
+        for _ in range(5):  # later batches are drained, never added
+            stitcher.add(ones, ones, np.array([[24.0, 24.0]]))
+    assert acc.count == 1
+    with BatchStitcher(acc, overlap=False) as inline:
+        inline.add(ones, ones, np.array([[24.0, 24.0]]))
+    assert acc.count == 2 and inline.seconds > 0 and inline.waited == 0
