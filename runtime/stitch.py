@@ -283,7 +283,7 @@ class StitchAccumulator:
         # convolution (runtime/weight_sum.py) instead of a slice-add per patch.
         self._corners: list[np.ndarray] = []
 
-        corner, _, extent = _placement(pos, n_patch, self.crop, subpixel)
+        corner, frac, extent = _placement(pos, n_patch, self.crop, subpixel)
         origin = corner.min(axis=0)
         self.origin_px = (int(origin[0]), int(origin[1]))
         self.shape = tuple(int(v) for v in (corner + extent).max(axis=0) - origin)
@@ -299,8 +299,7 @@ class StitchAccumulator:
         # corners added turn out to be the planned ones (any order, any batching).
         planned = corner - origin
         if subpixel == "bilinear":
-            planned = planned[~np.any(_placement(pos, n_patch, self.crop, subpixel)[1] != 0,
-                                      axis=1)]
+            planned = planned[~np.any(frac != 0, axis=1)]
         self._planned_corners = planned
         self._planned_sum: Future[np.ndarray] | None = None
         if self.prefetch:

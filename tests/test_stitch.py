@@ -421,15 +421,18 @@ def test_float32_accumulation_error() -> None:
     np.testing.assert_array_equal(s32.mask, s64.mask)
 
 
+def _random_scan(m: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patches, fractional positions, weights): disagreeing patches, for bit-identity."""
+    rng = np.random.default_rng(seed)
+    patches = (rng.standard_normal((m, N, N)) + 1j * rng.standard_normal((m, N, N))).astype(
+        np.complex64)
+    return patches, rng.uniform(0, 60, (m, 2)), rng.random((N, N))
+
+
 def test_prefetch_and_accumulate_options() -> None:
     """Prefetching the next chunk in a helper thread changes nothing, bit for bit; a bad
     precision name is refused."""
-    rng = np.random.default_rng(13)
-    m = 300
-    patches = (rng.standard_normal((m, N, N)) + 1j * rng.standard_normal((m, N, N))).astype(
-        np.complex64)
-    pos = rng.uniform(0, 60, (m, 2))
-    w = rng.random((N, N))
+    patches, pos, w = _random_scan(300, 13)
     for method in SUBPIXEL_METHODS:
         a = StitchAccumulator(pos, N, weights=w, subpixel=method, chunk=16, prefetch=True)
         b = StitchAccumulator(pos, N, weights=w, subpixel=method, chunk=16, prefetch=False)
@@ -445,12 +448,7 @@ def test_prefetch_and_accumulate_options() -> None:
 def test_prepare_workers_change_nothing(cores: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sub-pixel chunks are prepared by one helper per core; placement stays in patch
     order, so any number of helpers gives the same bits."""
-    rng = np.random.default_rng(14)
-    m = 200
-    patches = (rng.standard_normal((m, N, N)) + 1j * rng.standard_normal((m, N, N))).astype(
-        np.complex64)
-    pos = rng.uniform(0, 60, (m, 2))
-    w = rng.random((N, N))
+    patches, pos, w = _random_scan(200, 14)
     monkeypatch.setattr("runtime.stitch.os.cpu_count", lambda: cores)
     for method in ("fourier", "bilinear", "none"):
         acc = StitchAccumulator(pos, N, weights=w, subpixel=method, chunk=8)
