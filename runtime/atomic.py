@@ -18,7 +18,6 @@ import contextlib
 import os
 import secrets
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +27,11 @@ __all__ = ["replace_dir", "temp_dir_beside", "write_atomic", "written_atomic"]
 
 def _temp_name(target: Path) -> Path:
     return target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+
+
+def _beside(outdir: Path, kind: str) -> Path:
+    """A hidden, unique name next to a folder: ``.<name>.<kind>-<8 hex>``."""
+    return outdir.with_name(f".{outdir.name}.{kind}-{secrets.token_hex(4)}")
 
 
 def _fsync_path(path: Path) -> None:
@@ -83,7 +87,7 @@ def temp_dir_beside(outdir: Path) -> Path:
     """Create and return an empty hidden folder next to ``outdir`` (its parent is made
     if needed) to fill and then swap in with :func:`replace_dir`."""
     outdir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = outdir.with_name(f".{outdir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _beside(outdir, "tmp")
     tmp.mkdir()
     return tmp
 
@@ -92,7 +96,7 @@ def replace_dir(tmp: Path, outdir: Path) -> None:
     """Swap the finished temp folder in; an older output survives until the swap."""
     backup = None
     if outdir.exists():
-        backup = outdir.with_name(f".{outdir.name}.old-{uuid.uuid4().hex[:8]}")
+        backup = _beside(outdir, "old")
         os.replace(outdir, backup)
     try:
         os.replace(tmp, outdir)
