@@ -1,0 +1,180 @@
+"""An independent ptychography forward model for the quality benchmark (plain numpy).
+
+Written separately from ``ptycho_export.data.simulate`` on purpose: the model's training
+data and its judge must not share code, or a convention error in one would hide in both.
+Nothing here imports the project.
+
+Conventions (the project's npz data contract, stated again here so this file stands alone):
+- ``xcoords``/``ycoords`` are the **centre** of each patch in object pixels; patch pixel
+  (i, j) sees object pixel (y - N/2 + i, x - N/2 + j). Positions are fractional: the object
+  is sampled there by Fourier interpolation (an exact shift of the band-limited object),
+  not rounded.
+- Far field: ``fftshift(fft2(probe * patch))``, DC in the centre. Counts are Poisson with a
+  mean total of ``photons`` per pattern on average (one global flux for the whole scan).
+- ``diffraction`` holds amplitudes sqrt(counts), float64; the probe has unit total power.
+
+Object kinds (amplitude range, phase range):
+- ``natural``: two photographs from scikit-image (camera for amplitude 0.6-1.0, the
+  astronaut's grey level for phase +-0.6 rad);
+- ``smooth``: a Gaussian random field low-passed to features ~12 px;
+- ``sparse``: a flat object with a few dozen discs and points of different sizes;
+- ``strong-phase``: the natural pair with phase +-2.5 rad;
+- ``weak-phase``: the natural pair with phase +-0.15 rad (nearly a pure amplitude object).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+OBJECT_KINDS = ("natural", "smooth", "sparse", "strong-phase", "weak-phase")
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    kind: str = "natural"
+    object_px: int = 192
+    patch: int = 64
+    step_px: float = 8.0
+    jitter_px: float = 1.0
+    probe_diameter_px: float = 24.0
+    defocus_rad: float = 2.0  # quadratic pupil phase at the pupil edge, radians
+    photons: float = 1e6  # mean counts per pattern
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Area-average resize of a 2-D image to size x size (crop to square first)."""
+    from skimage.transform import resize
+
+    h, w = image.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top : top + side, left : left + side].astype(np.float64)
+    return resize(square, (size, size), anti_aliasing=True, mode="reflect")
+
+
+def _unit(image: np.ndarray) -> np.ndarray:
+    lo, hi = float(image.min()), float(image.max())
+    return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+
+
+def _natural_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+    from skimage import color, data
+
+    amplitude = _unit(_resize(data.camera(), size))
+    phase = _unit(_resize(color.rgb2gray(data.astronaut()), size))
+    return amplitude, phase
+
+
+def _smooth_field(size: int, rng: np.random.Generator, feature_px: float) -> np.ndarray:
+    noise = rng.standard_normal((size, size))
+    k = np.fft.fftfreq(size)
+    kk = k[:, None] ** 2 + k[None, :] ** 2
+    filtered = np.fft.ifft2(np.fft.fft2(noise) * np.exp(-kk * (np.pi * feature_px) ** 2 / 2))
+    return _unit(filtered.real)
+
+
+def _sparse_field(size: int, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    field = np.zeros((size, size))
+    for _ in range(40):
+        cy, cx = rng.uniform(0, size, 2)
+        radius = rng.choice([1.0, 2.0, 4.0, 8.0])
+        field = np.maximum(field, ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2) * 1.0)
+    return field
+
+
+def make_object(kind: str, size: int, seed: int = 0) -> np.ndarray:
+    """Complex (size, size) object of one of :data:`OBJECT_KINDS`."""
+    rng = np.random.default_rng(seed)
+    if kind in ("natural", "strong-phase", "weak-phase"):
+        amp_map, phase_map = _natural_pair(size)
+        phase_span = {"natural": 0.6, "strong-phase": 2.5, "weak-phase": 0.15}[kind]
+    elif kind == "smooth":
+        amp_map, phase_map = _smooth_field(size, rng, 12.0), _smooth_field(size, rng, 12.0)
+        phase_span = 0.6
+    elif kind == "sparse":
+        amp_map, phase_map = 1.0 - _sparse_field(size, rng), _sparse_field(size, rng)
+        phase_span = 0.6
+    else:
+        raise ValueError(f"unknown object kind {kind!r}; choose one of {OBJECT_KINDS}")
+    amplitude = 0.6 + 0.4 * amp_map
+    phase = phase_span * (2.0 * phase_map - 1.0)
+    return amplitude * np.exp(1j * phase)
+
+
+def make_probe(n: int, diameter_px: float, defocus_rad: float) -> np.ndarray:
+    """Defocused disc: a circular pupil of the right far-field size with a quadratic phase,
+    inverse-transformed to the sample plane; unit total power."""
+    # a disc of diameter D in real space has a far-field Airy core ~ 2.44 n / D pixels wide;
+    # take the pupil radius so the in-focus spot is about D / 4 and let defocus spread it
+    k = (np.arange(n) - n // 2) / n
+    kr2 = k[:, None] ** 2 + k[None, :] ** 2
+    pupil_radius = 1.0 / (diameter_px / 4.0)
+    pupil = (kr2 <= (pupil_radius / 2) ** 2).astype(np.complex128)
+    pupil *= np.exp(1j * defocus_rad * kr2 / (pupil_radius / 2) ** 2)
+    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(pupil)))
+    return probe / np.sqrt(np.sum(np.abs(probe) ** 2))
+
+
+def scan_positions(spec: ScanSpec, rng: np.random.Generator) -> np.ndarray:
+    """(M, 2) fractional (y, x) patch centres on a jittered raster inside the object."""
+    half = spec.patch / 2
+    lo, hi = half + spec.jitter_px, spec.object_px - half - spec.jitter_px
+    axis = np.arange(lo, hi + 1e-9, spec.step_px)
+    yy, xx = np.meshgrid(axis, axis, indexing="ij")
+    centres = np.stack((yy.ravel(), xx.ravel()), axis=1)
+    return centres + rng.uniform(-spec.jitter_px, spec.jitter_px, centres.shape)
+
+
+MARGIN = 8
+
+
+def fourier_patch(padded: np.ndarray, centre: np.ndarray, n: int) -> np.ndarray:
+    """The n x n patch whose pixel (i, j) is obj(y - n/2 + i, x - n/2 + j), by Fourier shift
+    of an integer-cut window with a margin (the margin keeps wrap-around out of the patch).
+    ``padded`` is the object padded by MARGIN on every side (reflected)."""
+    margin = MARGIN
+    top = centre - n / 2 + margin
+    base = np.floor(top).astype(int)
+    frac = top - base
+    rows = slice(base[0] - margin, base[0] + n + margin)
+    window = padded[rows, base[1] - margin : base[1] + n + margin]
+    if window.shape != (n + 2 * margin, n + 2 * margin):
+        raise ValueError(f"patch at {centre} leaves the object")
+    m = window.shape[0]
+    k = np.fft.fftfreq(m)
+    ramp = np.exp(2j * np.pi * (k[:, None] * frac[0] + k[None, :] * frac[1]))
+    shifted = np.fft.ifft2(np.fft.fft2(window) * ramp)
+    return shifted[margin : margin + n, margin : margin + n]
+
+
+def simulate(spec: ScanSpec) -> dict[str, np.ndarray]:
+    """The npz arrays of one scan (float64 diffraction amplitudes, complex128 probe/object)."""
+    rng = np.random.default_rng(spec.seed + 1)
+    obj = make_object(spec.kind, spec.object_px, spec.seed)
+    probe = make_probe(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
+    positions = scan_positions(spec, rng)
+    padded = np.pad(obj, MARGIN, mode="reflect")
+    intensity = np.empty((len(positions), spec.patch, spec.patch))
+    for m, centre in enumerate(positions):
+        exit_wave = probe * fourier_patch(padded, centre, spec.patch)
+        intensity[m] = np.abs(np.fft.fftshift(np.fft.fft2(exit_wave, norm="ortho"))) ** 2
+    flux = spec.photons / intensity.sum(axis=(1, 2)).mean()
+    counts = rng.poisson(intensity * flux).astype(np.float64)
+    return {
+        "diffraction": np.sqrt(counts),
+        "probeGuess": probe,
+        "objectGuess": obj,
+        "xcoords": positions[:, 1].copy(),
+        "ycoords": positions[:, 0].copy(),
+    }
+
+
+def save(path: str, spec: ScanSpec) -> None:
+    np.savez(path, **simulate(spec))
