@@ -62,7 +62,7 @@ GPU_PEAKS_TFLOPS: tuple[tuple[str, float, float], ...] = (
 
 @dataclass
 class BenchConfig:
-    preset: str = "default"
+    preset: str = "pinn"
     patch_size: int = 64
     batch_sizes: tuple[int, ...] = (64, 256)
     repeats: int = 5

@@ -14,8 +14,8 @@ Conventions (the project's npz data contract, stated again here so this file sta
 - ``diffraction`` holds amplitudes sqrt(counts), float64; the probe has unit total power.
 
 Object kinds (amplitude range, phase range):
-- ``natural``: two photographs from scikit-image (camera for amplitude 0.6-1.0, the
-  astronaut's grey level for phase +-0.6 rad);
+- ``natural``: two photographs from scikit-image (seed 0: camera for amplitude 0.6-1.0,
+  the astronaut's grey level for phase +-0.6 rad; other seeds other pairs);
 - ``smooth``: a Gaussian random field low-passed to features ~12 px;
 - ``sparse``: a flat object with a few dozen discs and points of different sizes;
 - ``strong-phase``: the natural pair with phase +-2.5 rad;
@@ -63,12 +63,24 @@ def _unit(image: np.ndarray) -> np.ndarray:
     return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
 
 
-def _natural_pair(size: int) -> tuple[np.ndarray, np.ndarray]:
+# (amplitude photograph, phase photograph) per seed, cycling: seed 0 is the pair the
+# issue describes; other seeds give scans a model trained on seed 0 has never seen.
+NATURAL_PAIRS = (("camera", "astronaut"), ("moon", "coffee"), ("coins", "chelsea"),
+                 ("grass", "rocket"))
+
+
+def _photo(name: str, size: int) -> np.ndarray:
     from skimage import color, data
 
-    amplitude = _unit(_resize(data.camera(), size))
-    phase = _unit(_resize(color.rgb2gray(data.astronaut()), size))
-    return amplitude, phase
+    image = getattr(data, name)()
+    if image.ndim == 3:
+        image = color.rgb2gray(image)
+    return _unit(_resize(image, size))
+
+
+def _natural_pair(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    amplitude, phase = NATURAL_PAIRS[seed % len(NATURAL_PAIRS)]
+    return _photo(amplitude, size), _photo(phase, size)
 
 
 def _smooth_field(size: int, rng: np.random.Generator, feature_px: float) -> np.ndarray:
@@ -93,7 +105,7 @@ def make_object(kind: str, size: int, seed: int = 0) -> np.ndarray:
     """Complex (size, size) object of one of :data:`OBJECT_KINDS`."""
     rng = np.random.default_rng(seed)
     if kind in ("natural", "strong-phase", "weak-phase"):
-        amp_map, phase_map = _natural_pair(size)
+        amp_map, phase_map = _natural_pair(size, seed)
         phase_span = {"natural": 0.6, "strong-phase": 2.5, "weak-phase": 0.15}[kind]
     elif kind == "smooth":
         amp_map, phase_map = _smooth_field(size, rng, 12.0), _smooth_field(size, rng, 12.0)

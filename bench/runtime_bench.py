@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench.bench import make_inputs
 
             work = Path(tmp)
-            for preset, n, batches in (("tiny", 32, (64,)), ("default", 64, (1, 64))):
+            for preset, n, batches in (("tiny", 32, (64,)), ("pinn", 64, (1, 64))):
                 art = export_artifact(work / preset, preset, n, 0)
                 for batch in batches:
                     batch_file = work / f"{preset}-batch{batch}.npy"

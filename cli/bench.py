@@ -52,8 +52,9 @@ def bench_command(
     artifacts: Annotated[Path | None, typer.Option(
         help="Already exported folder (model.onnx, model.ts, model.pt2) of that bundle: "
              "skips the export step.")] = None,
-    preset: Annotated[str | None, typer.Option(help="default, small or tiny (without "
-                                               "--bundle).")] = None,
+    preset: Annotated[str | None, typer.Option(
+        help="pinn (PtychoPINN size, the default here), default, small or tiny (without "
+             "--bundle).")] = None,
     patch_size: Annotated[int | None, typer.Option(min=4, help="N (without --bundle).")] = None,
     batch_sizes: Annotated[str | None, typer.Option(help="Comma list, e.g. 64,256.")] = None,
     repeats: Annotated[int | None, typer.Option(min=1, help="Timed rounds per batch size "

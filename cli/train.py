@@ -18,11 +18,23 @@ def train_command(
                                          "(diffraction, probeGuess, xcoords, ycoords).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Bundle zip to write.")] = Path(
         "bundle.zip"),
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Train this many epochs (default: as many steps as fit in "
+        "--max-minutes, measured on this machine).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        min=1, help="Train this many optimizer steps instead.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(
+        min=0.05, help="Time budget, object solve included (default 4 without "
+        "--epochs/--steps; with them a cap).")] = None,
+    guide: Annotated[bool, typer.Option(
+        help="Object-guided training: solve the scan's object through the physics first, "
+        "then train on the likelihood plus agreement with it.")] = True,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     learning_rate: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    preset: Annotated[str, typer.Option(help="Model size: default (~2.3M params), small, "
-                                        "tiny.")] = "default",
+    preset: Annotated[str, typer.Option(
+        help="default (back-propagation U-Net, 0.12M params), pinn (PtychoPINN's CNN, 2.3M), "
+        "small, tiny, unet-tiny. Measured trade-offs: bench/results/quality-*.md.")
+    ] = "default",
     gridsize: Annotated[int, typer.Option(min=1, max=2, help="1: one pattern per sample; "
                                           "2: four neighbours with the overlap constraint.")] = 1,
     loss: Annotated[str, typer.Option(help="poisson or mae.")] = "poisson",
@@ -52,19 +64,26 @@ def train_command(
 
         parsed_devices: str | int = int(devices) if devices.isdigit() else devices
         options = TrainOptions(
-            epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, preset=preset,
+            epochs=epochs, steps=steps, max_minutes=max_minutes, guide=guide,
+            batch_size=batch_size, learning_rate=learning_rate, preset=preset,
             gridsize=gridsize, loss=loss, val_fraction=val_fraction, seed=seed,
             accelerator=accelerator, devices=parsed_devices, strategy=strategy,
             num_nodes=num_nodes, progress=progress, resume=resume, pixel_size_m=pixel_size_m)
         result = train(data, output, run_dir, options)
-        typer.echo(f"bundle: {result.bundle_path}  ({result.seconds:.0f} s)")
+        from runtime.image_quality import summary_line
+
+        typer.echo(f"bundle: {result.bundle_path}  ({result.seconds:.0f} s, {result.steps} "
+                   f"steps; {result.plan_how})")
         typer.echo(f"run folder: {result.run_dir} (loss_curve.png, quality.json, checkpoints/)")
         quality = result.quality
+        fit = quality.get("fit", {})
+        if fit.get("likelihood_over_floor") is not None:
+            typer.echo(f"fit: final likelihood {fit['likelihood_over_floor']:.1f}x the data's "
+                       "Poisson noise floor")
         if quality.get("ground_truth"):
-            model, flat = quality["model"], quality["flat_baseline"]
-            typer.echo(f"vs ground truth: phase RMSE {model['phase_rmse_rad']:.3f} rad "
-                       f"(flat baseline {flat['phase_rmse_rad']:.3f}), amplitude corr "
-                       f"{model['amplitude_corr']:.3f}")
+            typer.echo(f"vs ground truth: {summary_line(quality)}")
+        for text in quality.get("warnings", []):
+            typer.secho(f"warning: {text}", fg="yellow", err=True)
         typer.echo(f"next: ptycho-bundle inspect {result.bundle_path}")
 
     run_guarded(body, verbose)

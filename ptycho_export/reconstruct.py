@@ -7,13 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.grouping import group_neighbours
-from runtime.metrics import reconstruction_errors
+from runtime.image_quality import WELL_LIT_RULE, ground_truth_report, well_lit_mask
 from runtime.scan import ScanData
 from runtime.stitch import StitchedObject, crop_to, stitch_patches, to_complex
-
-# Pixels lit by less than this fraction of the best-lit pixel's summed probe intensity are
-# poorly determined by any method; quality is scored on the rest.
-WELL_LIT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -31,7 +27,7 @@ def patch_per_position(amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
 def stitch_with_probe(patches: np.ndarray, scan: ScanData) -> Reconstruction:
     weights = np.abs(scan.probe).astype(np.float32) ** 2
     stitched = stitch_patches(patches, scan.positions_px, weights=weights)
-    well_lit = stitched.weight > WELL_LIT_FRACTION * float(stitched.weight.max())
+    well_lit = well_lit_mask(stitched.weight)
     return Reconstruction(stitched=stitched, patches=patches, well_lit=well_lit)
 
 
@@ -43,21 +39,10 @@ def reconstruct_eager(predictor, scan: ScanData, batch_size: int = 256) -> Recon
 
 
 def quality_report(recon: Reconstruction, scan: ScanData) -> dict:
-    """Errors against ground truth after removing the global complex factor, with a baseline.
-
-    The baseline is the trivial reconstruction: a flat object (mean amplitude, zero phase).
-    A trained model is only useful if it beats it clearly.
-    """
+    """Figures against ground truth, the same section ``ptycho-run`` writes
+    (runtime.image_quality.ground_truth_report: SSIM, PSNR, correlation, RMSE, FRC, and a
+    flat-object baseline that a useful model beats clearly)."""
     if scan.object_truth is None:
         return {"ground_truth": False}
     truth = crop_to(scan.object_truth, recon.stitched)
-    mask = recon.well_lit
-    model = reconstruction_errors(recon.stitched.obj, truth, mask)
-    flat = np.full_like(recon.stitched.obj, np.abs(recon.stitched.obj[mask]).mean())
-    baseline = reconstruction_errors(flat, truth, mask)
-    return {
-        "ground_truth": True,
-        "scored_pixels": int(mask.sum()),
-        "model": model,
-        "flat_baseline": baseline,
-    }
+    return ground_truth_report(recon.stitched.obj, truth, recon.well_lit, WELL_LIT_RULE)

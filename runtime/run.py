@@ -36,6 +36,12 @@ from runtime.atomic import replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
+from runtime.image_quality import (
+    WELL_LIT_RULE,
+    WELL_LIT_THRESHOLD,
+    ground_truth_report,
+    well_lit_mask,
+)
 from runtime.images import amplitude_figure, phase_figure, save_png
 from runtime.inputs import (
     InputOptions,
@@ -44,7 +50,6 @@ from runtime.inputs import (
     write_ptychodus_product,
 )
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
-from runtime.metrics import reconstruction_errors
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -87,9 +92,6 @@ GPU_HEADROOM_BYTES = 2 << 30
 # reuses buffers. Manifests without model widths get PtychoPINN's default.
 ACTIVATION_MAPS = 8
 DEFAULT_WIDTHS = (64, 128, 256)
-# Same definition as the eager path (ptycho_export.reconstruct): pixels lit by less than
-# this fraction of the best-lit pixel's summed probe intensity are poorly determined.
-WELL_LIT_FRACTION = 0.1
 OUTPUT_FILES = ("object.npz", "amplitude.png", "phase.png", "report.json")
 
 
@@ -520,22 +522,15 @@ def _write_outputs(folder: Path, stitched: StitchedObject, well_lit: np.ndarray,
 # --------------------------------------------------------------------------- quality
 
 
-def _json_floats(values: dict[str, float]) -> dict[str, float | None]:
-    """inf / NaN (an exact amplitude match has infinite PSNR) as null: valid JSON."""
-    return {k: (float(v) if np.isfinite(v) else None) for k, v in values.items()}
-
-
 def quality_report(stitched: StitchedObject, well_lit: np.ndarray,
                    truth: np.ndarray | None) -> dict[str, Any]:
-    """Errors against the scan's ground truth (``objectGuess``), when it has one.
+    """Figures against the scan's ground truth (``objectGuess``), when it has one.
 
     The truth is cropped to the stitched canvas (runtime.stitch.crop_to) and scored on the
-    well-lit mask after removing what ptychography cannot determine: the global complex
-    factor and a linear phase ramp (runtime.metrics.reconstruction_errors with
-    ``remove_ramp=True``). ``model_global_factor_only`` keeps the ramp in, for comparison.
-    The baseline is the trivial reconstruction, a flat object (mean amplitude, zero
-    phase), scored the same way: a useful model beats it clearly. Same layout as the eager
-    path's ptycho_export.reconstruct.quality_report. Non-finite values are written as null.
+    well-lit mask by runtime.image_quality.ground_truth_report: SSIM, PSNR, correlation,
+    RMSE and FRC after removing the global complex factor and a linear phase ramp, next to
+    a flat object scored the same way. The eager path (ptycho_export.reconstruct) writes
+    the same section. Non-finite values are written as null.
     """
     if truth is None:
         return {"ground_truth": False}
@@ -543,18 +538,7 @@ def quality_report(stitched: StitchedObject, well_lit: np.ndarray,
         cropped = crop_to(truth, stitched)
     except PtychoError as err:
         return {"ground_truth": True, "error": str(err)}
-    obj, mask = stitched.obj, well_lit
-    flat = np.full_like(obj, np.abs(obj[mask]).mean())
-    return {
-        "ground_truth": True,
-        "scored_pixels": int(mask.sum()),
-        "mask": f"well lit: summed |probe|^2 > {WELL_LIT_FRACTION} x its maximum",
-        "removed": "global complex factor and linear phase ramp",
-        "model": _json_floats(reconstruction_errors(obj, cropped, mask, remove_ramp=True)),
-        "flat_baseline": _json_floats(reconstruction_errors(flat, cropped, mask,
-                                                            remove_ramp=True)),
-        "model_global_factor_only": _json_floats(reconstruction_errors(obj, cropped, mask)),
-    }
+    return ground_truth_report(stitched.obj, cropped, well_lit, WELL_LIT_RULE)
 
 
 # --------------------------------------------------------------------------- the run
@@ -678,7 +662,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
 
     t1 = time.perf_counter()
     stitched = accumulator.result()
-    well_lit = stitched.weight > WELL_LIT_FRACTION * float(stitched.weight.max())
+    well_lit = well_lit_mask(stitched.weight)
     stitch_s = time.perf_counter() - t1 + add_s
     quality = quality_report(stitched, well_lit, scan.object_truth)
     if "error" in quality:
@@ -708,7 +692,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         "patterns_per_s": round(total / infer_s, 1) if infer_s > 0 else None,
         "object": {"shape": list(stitched.obj.shape), "origin_px": list(stitched.origin_px),
                    "well_lit_pixels": int(well_lit.sum()),
-                   "well_lit_fraction": WELL_LIT_FRACTION},
+                   "well_lit_threshold": WELL_LIT_THRESHOLD},
         "self_check": check if check is not None else {"status": "SKIPPED"},
         "quality": quality,
         "outdir": str(outdir),

@@ -99,3 +99,33 @@ def test_overlap_merge_averages_disagreeing_patches():
     offsets = torch.zeros(1, 4, 2)  # all four on top of each other
     out_re, _ = merge_and_reextract(re, torch.zeros_like(re), offsets, pad=1)
     torch.testing.assert_close(out_re, torch.full_like(re, 0.25))
+
+
+def _cut(obj_fn, top_left: np.ndarray, n: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
+    return obj_fn(yy + top_left[0], xx + top_left[1])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.75])
+def test_overlap_merge_is_near_identity_for_consistent_patches_at_fractional_offsets(fraction):
+    """Four patches of one smooth object at fractional relative offsets: re-extraction must
+    give them back (bilinear resampling was off by 5-6 % of the maximum at 0.3-0.5 px)."""
+    rng = np.random.default_rng(7)
+    waves = [(rng.uniform(-0.06, 0.06, 2), rng.normal(), rng.uniform(0, 6)) for _ in range(6)]
+
+    def obj(y, x):
+        total = sum(a * np.exp(2j * np.pi * (k[0] * y + k[1] * x) + 1j * p) for k, a, p in waves)
+        return 1.0 + 0.2 * total
+
+    n = 32
+    corners = np.array([[10.0, 10.0], [14.0 + fraction, 10.0 + fraction / 2],
+                        [13.0 - fraction, 10.0], [13.0 + fraction, 14.0 - fraction]])
+    patches = np.stack([_cut(obj, c, n) for c in corners])[None]
+    offsets = torch.from_numpy((corners - corners[0])[None].astype(np.float32))
+    re = torch.from_numpy(patches.real.astype(np.float32))
+    im = torch.from_numpy(patches.imag.astype(np.float32))
+    out_re, out_im = merge_and_reextract(re, im, offsets, pad=6)
+    error = np.abs((out_re.numpy() + 1j * out_im.numpy()) - patches) / np.abs(patches).max()
+    # measured: mean 0.23-0.25 %, 2 px inside at most 1.3 % (bilinear: 0.65-0.82 %, 2.2 %)
+    assert error.mean() < 3e-3, error.mean()
+    assert error[..., 2:-2, 2:-2].max() < 1.5e-2

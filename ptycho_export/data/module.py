@@ -30,7 +30,8 @@ class ScanDataModule(L.LightningDataModule):
         val_fraction: float = 0.1, seed: int = 0,
     ) -> None:
         super().__init__()
-        amplitudes, offsets, _ = grouped_inputs(scan, gridsize)
+        amplitudes, offsets, groups = grouped_inputs(scan, gridsize)
+        self.groups = groups  # (G, C) pattern indices of each group
         count = amplitudes.shape[0]
         order = np.random.default_rng(seed).permutation(count)
         n_val = int(round(count * val_fraction)) if count > 1 else 0
@@ -45,7 +46,8 @@ class ScanDataModule(L.LightningDataModule):
 
     def _dataset(self, index: np.ndarray) -> TensorDataset:
         idx = torch.from_numpy(index)
-        return TensorDataset(self.amplitudes[idx], self.offsets[idx])
+        # the group index travels with each sample: the guide term looks its target up
+        return TensorDataset(self.amplitudes[idx], self.offsets[idx], idx)
 
     def train_dataloader(self) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
+from ptycho_export.model.backprop import BackPropUNet
 from ptycho_export.model.config import ModelConfig
 
 
@@ -76,11 +78,22 @@ class PtychoNet(nn.Module):
     def __init__(self, config: ModelConfig, amplitude_scale: float = 1.0) -> None:
         super().__init__()
         self.config = config
-        self.generator = Generator(config)
+        if config.architecture == "backprop-unet":
+            self.generator: nn.Module = BackPropUNet(config.patch_size, config.channels,
+                                                     config.widths, config.amp_max)
+        else:
+            self.generator = Generator(config)
         self.register_buffer("amplitude_scale", torch.tensor(float(amplitude_scale)))
 
     def forward(self, amplitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.generator(amplitudes * self.amplitude_scale)
+
+    def set_probe(self, probe: np.ndarray) -> None:
+        """Give a probe-aware front end the probe the physics uses (scaled); a no-op for
+        the plain CNN, which never sees the probe."""
+        frontend = getattr(self.generator, "frontend", None)
+        if frontend is not None:
+            frontend.set_probe(probe)
 
 
 def count_parameters(module: nn.Module) -> int:

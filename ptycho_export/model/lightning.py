@@ -26,37 +26,89 @@ class PtychoModule(L.LightningModule):
         learning_rate: float = 1e-3,
         loss: str = "poisson",
         max_offset_px: float = 0.0,
+        guide: np.ndarray | None = None,
+        guide_weight: float = 10.0,
+        warmup_fraction: float = 0.03,
     ) -> None:
+        """``guide``: (G, C, N, N) complex patches of the solved object per training group
+        (ptycho_export.object_solver), or None for the likelihood alone. The guide term is
+        the |probe|^2-weighted squared distance of the predicted patches from it."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
         self.config = config
         self.net = PtychoNet(config, normalization.amplitude_scale)
-        self.physics = FarField(np.asarray(probe) * normalization.probe_scale)
+        scaled_probe = np.asarray(probe) * normalization.probe_scale
+        self.net.set_probe(scaled_probe)
+        self.physics = FarField(scaled_probe)
         self.learning_rate = learning_rate
         self.loss_name = loss
         self.loss_fn = LOSSES[loss]
         self.overlap_pad = int(math.ceil(max_offset_px)) + 1
+        self.guide_weight = float(guide_weight)
+        self.warmup_fraction = float(warmup_fraction)
+        # plain attributes, not buffers: training data, never part of a checkpoint or bundle
+        self.guide_re = self.guide_im = None
+        if guide is not None:
+            self.guide_re = torch.from_numpy(np.ascontiguousarray(guide.real, np.float32))
+            self.guide_im = torch.from_numpy(np.ascontiguousarray(guide.imag, np.float32))
+        light = np.abs(scaled_probe) ** 2
+        self.register_buffer("light", torch.from_numpy((light / light.max()).astype(np.float32)),
+                             persistent=False)
 
     def forward(self, amplitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.net(amplitudes)
 
-    def predicted_diffraction(
-        self, amplitudes: torch.Tensor, offsets: torch.Tensor
-    ) -> torch.Tensor:
+    def on_fit_start(self) -> None:
+        """Train with channels-last convolution weights: about 20 % faster per step on the
+        CPU (oneDNN's preferred layout), the same numbers."""
+        self.net.to(memory_format=torch.channels_last)
+
+    def on_fit_end(self) -> None:
+        """Back to the default layout: the bundle and every export see plain tensors."""
+        self.net.to(memory_format=torch.contiguous_format)
+
+    def predicted_patches(self, amplitudes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amplitude, phase = self.net(amplitudes)
-        obj_re, obj_im = polar_to_re_im(amplitude, phase)
+        return polar_to_re_im(amplitude, phase)
+
+    def predicted_diffraction(
+        self, amplitudes: torch.Tensor, offsets: torch.Tensor,
+        patches: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        obj_re, obj_im = patches if patches is not None else self.predicted_patches(amplitudes)
         if self.config.channels > 1:
             obj_re, obj_im = merge_and_reextract(obj_re, obj_im, offsets, self.overlap_pad)
         return self.physics(obj_re, obj_im)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        amplitudes, offsets = batch
-        predicted = self.predicted_diffraction(amplitudes, offsets)
+    def guide_loss(self, patches: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor
+                   ) -> torch.Tensor:
+        """Mean |probe|^2-weighted squared distance from the solved object's patches."""
+        target_re = self.guide_re[index.cpu()].to(patches[0].device)
+        target_im = self.guide_im[index.cpu()].to(patches[0].device)
+        error = (patches[0] - target_re).square() + (patches[1] - target_im).square()
+        return (self.light * error).mean()
+
+    def losses(self, batch: tuple[torch.Tensor, ...] | list[torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, likelihood term) of one batch (amplitudes, offsets, group index)."""
+        amplitudes, offsets, index = batch
+        patches = self.predicted_patches(amplitudes)
+        predicted = self.predicted_diffraction(amplitudes, offsets, patches)
         measured = amplitudes * self.net.amplitude_scale
-        loss = self.loss_fn(predicted, measured)
+        likelihood = self.loss_fn(predicted, measured)
+        loss = likelihood
+        if self.guide_re is not None:
+            loss = loss + self.guide_weight * self.guide_loss(patches, index)
+        return loss, likelihood
+
+    def _step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        loss, likelihood = self.losses(batch)
+        size = batch[0].shape[0]
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
-                 sync_dist=True, batch_size=amplitudes.shape[0])
+                 sync_dist=True, batch_size=size)
+        self.log(f"{stage}_likelihood", likelihood, on_step=False, on_epoch=True,
+                 sync_dist=True, batch_size=size)
         return loss
 
     def training_step(self, batch, batch_idx):  # noqa: ANN001 - Lightning's signature
@@ -66,7 +118,18 @@ class PtychoModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):  # noqa: ANN201
+        """Adam with a short linear warm-up, then a cosine decay to 2 % over the planned
+        steps (the Trainer's max_steps, or its epochs times the batches per epoch)."""
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=3)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = max(int(self.warmup_fraction * total), 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "monitor": "train_loss"}}
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,231 @@
+"""Quality benchmark: the default chain on scans this project's simulator did not make.
+
+For each case (object kind x dose x gridsize x preset) a scan is written by the
+independent forward model (bench/forward_model.py: float64, fractional positions, one
+global flux), then the chain a user runs: ``ptycho-train`` with its defaults (only the
+preset / gridsize / time budget of the case set), ``ptycho-export --format onnx`` with the
+parity gate, ``ptycho-run`` on the CPU provider. The stitched object of ``ptycho-run`` is
+scored against the truth with the field's figures (runtime.image_quality: SSIM, PSNR,
+correlation, FRC at 1/7), next to a flat object, and the same model is run on a second,
+unseen scan of the same kind (other seed; other photographs for ``natural``) without
+retraining: the deployment case. Ground-truth-free: the training likelihood over the
+data's Poisson floor.
+
+    python -m bench.quality                          # the committed matrix, ~1 h on 2 cores
+    python -m bench.quality --kinds natural --doses 1e6 --presets default,small
+    python -m bench.quality --quick -o /tmp/q        # seconds: tiny case, checks the wiring
+
+Writes ``quality-<machine>.{json,md}`` and ``quality-<machine>-frc.png`` under -o.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.bench import cpu_facts, default_machine_name, library_versions
+from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"amplitude_corr": 0.9, "phase_corr": 0.9, "amplitude_ssim": 0.9}
+
+
+def run_case(work: Path, spec: ScanSpec, preset: str, gridsize: int,
+             max_minutes: float | None, train_extra: dict[str, Any]) -> dict[str, Any]:
+    """Train, export and run one case; return its figures (no files outside ``work``)."""
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+    from ptycho_export.train import TrainOptions, train
+    from runtime.run import run_scan
+
+    scan_path, unseen_path = work / "scan.npz", work / "unseen.npz"
+    save(str(scan_path), spec)
+    save(str(unseen_path), ScanSpec(**{**spec.to_dict(), "seed": spec.seed + 1}))
+    started = time.perf_counter()
+    options = TrainOptions(preset=preset, gridsize=gridsize, max_minutes=max_minutes,
+                           accelerator="cpu", devices=1, progress=False, **train_extra)
+    result = train(scan_path, work / "bundle.zip", work / "run", options)
+    train_s = time.perf_counter() - started
+    export_bundle(work / "bundle.zip", work / "export", ExportOptions(formats=["onnx"],
+                                                                     command="bench.quality"))
+    seen = run_scan(work / "export", scan_path, work / "recon", provider="cpu", progress=False)
+    unseen = run_scan(work / "export", unseen_path, work / "recon_unseen", provider="cpu",
+                      progress=False)
+    with open(work / "bundle_run.json", "w") as handle:  # for a look after a failure
+        json.dump(result.quality, handle, default=str)
+    return {
+        "kind": spec.kind, "photons": spec.photons, "gridsize": gridsize, "preset": preset,
+        "train_s": round(train_s, 1),
+        "steps": result.steps, "plan": result.plan_how,
+        "fit": result.quality.get("fit"),
+        "quality": _figures(seen["quality"], with_curve=True),
+        "unseen": _figures(unseen["quality"]),
+        "ort_cpu_patterns_per_s": seen["patterns_per_s"],
+        # ptycho-train's (fit and ground truth on its eager reconstruction), ptycho-run's
+        "warnings": sorted(set(result.quality.get("warnings", [])
+                               + seen["quality"].get("warnings", []))),
+    }
+
+
+def _figures(quality: dict[str, Any], with_curve: bool = False) -> dict[str, Any]:
+    model = dict(quality["model"])
+    if not with_curve:
+        model.pop("frc_curve", None)
+    return {"model": model, "flat_baseline": quality["flat_baseline"],
+            "verdict": quality["verdict"], "warnings": quality["warnings"]}
+
+
+def _cell(value: float | None, fmt: str = ".3f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cpu = results["cpu"]
+    lines = [
+        f"# Quality benchmark: {results['machine']}",
+        "",
+        f"CPU: {cpu['model']}, {cpu['usable_cores']} usable cores ({', '.join(cpu['isa_flags'])})."
+        f" torch {results['versions'].get('torch')}, onnxruntime "
+        f"{results['versions'].get('onnxruntime')}. Command: `{results['command']}`.",
+        "",
+        "Scans from bench/forward_model.py (independent of the project's simulator): "
+        f"{results['scan']['object_px']}² object, N = {results['scan']['patch']}, "
+        f"step {results['scan']['step_px']} px with ±{results['scan']['jitter_px']} px "
+        "fractional jitter, defocused disc probe, Poisson counts at one global flux. Figures "
+        "of `ptycho-run`'s stitched object on the well-lit region after removing the global "
+        "complex factor and a phase ramp; *unseen*: the same model on a second scan of the "
+        "same kind (other seed / photographs), not trained on. FRC: 1/7 threshold, "
+        "half-period in pixels. Targets: amplitude and phase correlation ≥ 0.9 and "
+        "amplitude SSIM ≥ 0.9.",
+        "",
+        "| kind | photons | grid | preset | train s | amp SSIM | amp PSNR dB | amp corr | "
+        "phase SSIM | phase corr | phase RMSE rad (flat) | FRC px | unseen amp corr | "
+        "unseen phase corr | loss / floor | ORT CPU patt/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in results["cases"]:
+        if "error" in case:
+            lines.append(f"| {case['kind']} | {case['photons']:.0e} | {case['gridsize']} | "
+                         f"{case['preset']} | failed: {case['error']} |")
+            continue
+        m, flat = case["quality"]["model"], case["quality"]["flat_baseline"]
+        u = case["unseen"]["model"]
+        fit = case.get("fit") or {}
+        lines.append(
+            f"| {case['kind']} | {case['photons']:.0e} | {case['gridsize']} | {case['preset']} "
+            f"| {case['train_s']:.0f} | {_cell(m['amplitude_ssim'])} | "
+            f"{_cell(m['amplitude_psnr_db'], '.1f')} | {_cell(m['amplitude_corr'])} | "
+            f"{_cell(m['phase_ssim'])} | {_cell(m['phase_corr'])} | "
+            f"{_cell(m['phase_rmse_rad'])} ({_cell(flat['phase_rmse_rad'])}) | "
+            f"{_cell(m['frc_resolution_px'], '.2f')} | {_cell(u['amplitude_corr'])} | "
+            f"{_cell(u['phase_corr'])} | {_cell(fit.get('likelihood_over_floor'), '.1f')} | "
+            f"{_cell(case['ort_cpu_patterns_per_s'], '.0f')} |")
+    warned = [c for c in results["cases"] if c.get("warnings")]
+    if warned:
+        lines += ["", "Warnings the tools printed:", ""]
+        for case in warned:
+            for text in case["warnings"]:
+                lines.append(f"- {case['kind']} {case['photons']:.0e} gridsize "
+                             f"{case['gridsize']} {case['preset']}: {text}")
+    return "\n".join(lines) + "\n"
+
+
+def frc_plot(path: Path, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for case in results["cases"]:
+        curve = case.get("quality", {}).get("model", {}).get("frc_curve")
+        if curve:
+            ax.plot(curve["cycles_per_px"], curve["frc"], lw=1.2,
+                    label=f"{case['kind']} {case['photons']:.0e} g{case['gridsize']} "
+                          f"{case['preset']}")
+    ax.axhline(1 / 7, color="k", ls="--", lw=0.8, label="1/7 threshold")
+    ax.set_xlabel("spatial frequency (cycles / pixel)")
+    ax.set_ylabel("FRC (reconstruction vs truth)")
+    ax.set_xlim(0, 0.5)
+    ax.set_ylim(-0.1, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default=",".join(OBJECT_KINDS))
+    parser.add_argument("--doses", default="1e4,1e6", help="mean photons per pattern")
+    parser.add_argument("--gridsizes", default="1")
+    parser.add_argument("--presets", default="default")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="training budget per case (default: ptycho-train's own)")
+    parser.add_argument("--quick", action="store_true", help="one tiny case, seconds")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS)
+    parser.add_argument("--machine", default=None)
+    args = parser.parse_args(argv)
+
+    base = ScanSpec()
+    extra: dict[str, Any] = {}
+    kinds = args.kinds.split(",")
+    doses = [float(d) for d in args.doses.split(",")]
+    gridsizes = [int(g) for g in args.gridsizes.split(",")]
+    presets = args.presets.split(",")
+    if args.quick:
+        base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
+        kinds, doses, gridsizes, presets = ["smooth"], [1e6], [1], ["unet-tiny"]
+        extra = {"steps": 20, "solver_steps": 50}
+    unknown = [k for k in kinds if k not in OBJECT_KINDS]
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; choose from {OBJECT_KINDS}")
+    cpu = cpu_facts()
+    machine = args.machine or default_machine_name(cpu)
+    results: dict[str, Any] = {
+        "machine": machine, "cpu": cpu, "versions": library_versions(),
+        "command": "python -m bench.quality " + " ".join(argv if argv is not None
+                                                          else sys.argv[1:]),
+        "scan": base.to_dict(), "targets": TARGETS, "cases": [],
+    }
+    args.output.mkdir(parents=True, exist_ok=True)
+    for kind in kinds:
+        for photons in doses:
+            for gridsize in gridsizes:
+                for preset in presets:
+                    spec = ScanSpec(**{**base.to_dict(), "kind": kind, "photons": photons})
+                    work = Path(tempfile.mkdtemp(prefix="ptycho-quality-"))
+                    label = f"{kind} {photons:.0e} gridsize {gridsize} {preset}"
+                    print(f"[quality] {label} ...", flush=True)
+                    try:
+                        case = run_case(work, spec, preset, gridsize, args.max_minutes, extra)
+                    except Exception as err:  # one failed case must not lose the others
+                        case = {"kind": kind, "photons": photons, "gridsize": gridsize,
+                                "preset": preset, "error": " ".join(str(err).split())[:300]}
+                    finally:
+                        shutil.rmtree(work, ignore_errors=True)
+                    results["cases"].append(case)
+                    if "error" in case:
+                        print(f"[quality] {label}: FAILED {case['error']}", flush=True)
+                    else:
+                        m = case["quality"]["model"]
+                        print(f"[quality] {label}: amp SSIM {m['amplitude_ssim']:.3f} corr "
+                              f"{m['amplitude_corr']:.3f}, phase corr {m['phase_corr']:.3f}, "
+                              f"FRC {m['frc_resolution_px']:.2f} px, {case['train_s']:.0f} s",
+                              flush=True)
+                    stem = args.output / f"quality-{machine}"
+                    (stem.with_suffix(".json")).write_text(json.dumps(results, indent=1,
+                                                                      default=str))
+                    (stem.with_suffix(".md")).write_text(markdown(results))
+    frc_plot(args.output / f"quality-{machine}-frc.png", results)
+    return 0 if all("error" not in c for c in results["cases"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The scan's object solved directly, by gradient descent through the physics (training only).
+
+Why: a network that sees one diffraction pattern cannot know that patch's absolute phase
+(|F(P O e^{ic})| = |F(P O)|) and learns the inverse map slowly from the likelihood alone.
+The scan itself holds the missing information: neighbouring spots overlap. PtychoPINN's
+gridsize-2 overlap constraint ties four neighbours together; this ties all of them at once
+by solving for one object canvas that explains every measured pattern (automatic-
+differentiation ptychography with the Poisson likelihood, probe and positions known). The
+network is then trained on the same likelihood plus agreement with this object
+(``PtychoModule``'s guide term), and it alone is exported.
+
+Fractional positions are exact: the exit wave P(r) O(r + t) with t = floor(t) + f has the
+same far-field intensity as P(r - f) O(r + floor(t)), so each pattern gets its own probe,
+Fourier-shifted by -f once (the probe is compact, so the circular shift is harmless), and
+the object is cut at whole pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SolvedObject:
+    obj: np.ndarray  # (H, W) complex64 canvas
+    corner_px: np.ndarray  # (2,) object pixel (y, x) of canvas pixel (0, 0)
+    final_loss: float  # mean Poisson NLL of the last steps, network units (0 = perfect)
+    steps: int
+
+
+def _tops(positions_px: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-pixel top-left corners and fractional parts of each patch (positions are
+    patch centres: patch pixel (i, j) is object pixel (y - n/2 + i, x - n/2 + j))."""
+    top = np.asarray(positions_px, dtype=np.float64) - n / 2.0
+    base = np.floor(top)
+    return base.astype(np.int64), top - base
+
+
+def shifted_probes(probe: np.ndarray, frac: np.ndarray) -> np.ndarray:
+    """(M, n, n) complex64: probe(r - f_m) for each fractional part f_m (Fourier shift)."""
+    n = probe.shape[-1]
+    k = np.fft.fftfreq(n)
+    spectrum = np.fft.fft2(np.asarray(probe, dtype=np.complex128))
+    out = np.empty((len(frac), n, n), dtype=np.complex64)
+    for start in range(0, len(frac), 512):
+        f = frac[start : start + 512]
+        ramp = np.exp(-2j * np.pi * (k[None, :, None] * f[:, 0, None, None]
+                                      + k[None, None, :] * f[:, 1, None, None]))
+        out[start : start + len(f)] = np.fft.ifft2(spectrum[None] * ramp)
+    return out
+
+
+def default_solver_steps(n_patterns: int, batch: int = 64) -> int:
+    """About 200 passes over a small scan, at least 30 over a large one, 800-4000 steps."""
+    return int(np.clip(200 * n_patterns / batch, 800, 4000))
+
+
+def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.ndarray,
+                 steps: int | None = None, batch: int = 64, learning_rate: float = 0.1,
+                 seed: int = 0) -> SolvedObject:
+    """Object canvas that best explains ``amplitudes`` (M, n, n; network units, i.e. already
+    scaled as the network's physics sees them) under ``probe`` (n, n, scaled likewise).
+
+    Adam on the complex canvas (learning rate in units of the object's amplitude, about 1
+    after the project's normalisation), random batches of patterns, Poisson likelihood.
+    """
+    m, n, _ = amplitudes.shape
+    steps = default_solver_steps(m, batch) if steps is None else steps
+    base, frac = _tops(positions_px, n)
+    corner = base.min(axis=0)
+    base = base - corner
+    height, width = (base.max(axis=0) + n).tolist()
+    probes = torch.from_numpy(shifted_probes(probe, frac))
+    # measured amplitudes with DC moved to (0, 0), to compare with an unshifted fft2
+    measured = torch.fft.ifftshift(torch.as_tensor(np.asarray(amplitudes, np.float32)),
+                                   dim=(-2, -1))
+    counts = measured.square()
+    axis = torch.arange(n)
+    rows = torch.from_numpy(base[:, 0])[:, None, None] + axis[None, :, None]
+    cols = torch.from_numpy(base[:, 1])[:, None, None] + axis[None, None, :]
+    obj = torch.ones((height, width), dtype=torch.complex64, requires_grad=True)
+    optimizer = torch.optim.Adam([obj], lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    batch = min(batch, m)
+    recent: list[float] = []
+    for step in range(steps):
+        idx = torch.randperm(m, generator=generator)[:batch]
+        far = torch.fft.fft2(probes[idx] * obj[rows[idx], cols[idx]], norm="ortho")
+        rate = far.real.square() + far.imag.square()
+        c = counts[idx]
+        nll = rate - c * torch.log(rate + 1e-8) - (c - c * torch.log(c + 1e-8))
+        loss = nll.mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step >= steps - 20:
+            recent.append(loss.item())
+    return SolvedObject(obj=obj.detach().numpy().astype(np.complex64), corner_px=corner,
+                        final_loss=float(np.mean(recent)) if recent else float("nan"),
+                        steps=steps)
+
+
+def patches_at(solved: SolvedObject, positions_px: np.ndarray, n: int) -> np.ndarray:
+    """(M, n, n) complex64: each pattern's patch of the solved object in that pattern's own
+    frame (pixel (i, j) = obj(y - n/2 + i, x - n/2 + j)), fractional positions by Fourier
+    shift of a window with a margin; the canvas is edge-padded so every window exists."""
+    margin = 8
+    base, frac = _tops(positions_px, n)
+    base = base - solved.corner_px
+    # pad so that every window exists, also for positions the solve did not use
+    h, w = solved.obj.shape
+    before = np.maximum(margin - base.min(axis=0), margin)
+    after = np.maximum(base.max(axis=0) + n + margin - np.array([h, w]), margin)
+    padded = np.pad(solved.obj.astype(np.complex128),
+                    ((before[0], after[0]), (before[1], after[1])), mode="edge")
+    base = base + before
+    size = n + 2 * margin
+    k = np.fft.fftfreq(size)
+    out = np.empty((len(base), n, n), dtype=np.complex64)
+    for i, ((y, x), (fy, fx)) in enumerate(zip(base, frac, strict=True)):
+        window = padded[y - margin : y + n + margin, x - margin : x + n + margin]
+        if fy or fx:
+            ramp = np.exp(2j * np.pi * (k[:, None] * fy + k[None, :] * fx))
+            window = np.fft.ifft2(np.fft.fft2(window) * ramp)
+        out[i] = window[margin : margin + n, margin : margin + n]
+    return out
