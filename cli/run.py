@@ -28,20 +28,16 @@ def _echo_self_check(result: dict[str, Any]) -> None:
 
 
 def _echo_quality(quality: dict[str, Any]) -> None:
-    """One line against objectGuess, when the scan has one (report.json has every metric)."""
-    model, flat = quality.get("model"), quality.get("flat_baseline")
-    if not model or not flat:
+    """One line against objectGuess, when the scan has one (report.json has every figure),
+    and a warning for each channel no better than a flat object."""
+    if not quality.get("model") or not quality.get("flat_baseline"):
         return
-
-    def num(value: Any, fmt: str) -> str:
-        return "inf" if value is None else format(value, fmt)
+    from runtime.image_quality import summary_line
 
     typer.echo(f"vs objectGuess (global factor and phase ramp removed, "
-               f"{quality['scored_pixels']} well-lit px): phase rmse "
-               f"{num(model['phase_rmse_rad'], '.3f')} rad (flat baseline "
-               f"{num(flat['phase_rmse_rad'], '.3f')}), amplitude PSNR "
-               f"{num(model['amplitude_psnr_db'], '.1f')} dB (flat "
-               f"{num(flat['amplitude_psnr_db'], '.1f')})")
+               f"{quality['scored_pixels']} well-lit px): {summary_line(quality)}")
+    for text in quality.get("warnings", []):
+        typer.secho(f"warning: {text}", fg="yellow", err=True)
 
 
 @app.command()

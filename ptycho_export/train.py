@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from ptycho_export.bundle import load_predictor, read_bundle, sha256_file, write_bundle
 from ptycho_export.data.module import ScanDataModule
+from ptycho_export.export.formats import UsageError
 from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
@@ -240,6 +241,7 @@ def seconds_per_step(module: PtychoModule, datamodule: ScanDataModule, device: t
     import copy
 
     probe = copy.deepcopy(module).to(device).train()
+    probe.net.to(memory_format=torch.channels_last)  # as PtychoModule.on_fit_start trains
     optimizer = torch.optim.Adam(probe.parameters(), lr=0.0)  # lr 0: time, do not learn
     loader = datamodule.train_dataloader()
     batches = []
@@ -383,11 +385,16 @@ def train(
     except ValueError as err:
         raise DataError(f"{scan.source or data_path}: {err} (beam off, or a dark-only "
                         "file?); train on a scan with measured diffraction") from err
+    try:  # options the scan cannot take are refused before anything is written
+        config = ModelConfig.from_preset(options.preset, scan.patch_size, options.gridsize)
+        if options.max_minutes is not None and not options.max_minutes > 0:
+            raise ValueError(f"--max-minutes must be > 0, got {options.max_minutes}")
+    except ValueError as err:
+        raise UsageError(f"{scan.source or data_path}: {err}") from err
     new_run_folder = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
 
     L.seed_everything(options.seed, workers=True, verbose=False)
-    config = ModelConfig.from_preset(options.preset, scan.patch_size, options.gridsize)
     datamodule = ScanDataModule(scan, options.gridsize, options.batch_size,
                                 options.val_fraction, options.seed)
     guide, guide_record = None, None

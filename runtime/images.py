@@ -8,7 +8,9 @@ phase map's colours, so "not scanned" never reads as "zero".
 
 :func:`amplitude_figure` and :func:`phase_figure` add a labelled colour bar beside the
 image (what ptycho-run writes): amplitude over its 1-99 % display range with its values,
-phase as the cyclic bar from -pi to pi in radians, and a swatch of the unlit colour.
+phase as the cyclic bar from -pi to pi in radians, and a swatch of the unlit colour. A
+weak phase (spread below 2 rad, which the wheel would show as one hue) is drawn linearly
+about its mean with diverging colours instead.
 Pillow's own font is used (its built-in scalable font, or DejaVu Sans where installed);
 where the font has no "π" glyph the labels say "pi".
 """
@@ -25,11 +27,13 @@ from PIL import Image, ImageDraw, ImageFont
 from runtime.atomic import write_atomic
 
 __all__ = [
+    "DIVERGING_LUT",
     "PHASE_LUT",
     "UNVISITED_RGB",
     "amplitude_figure",
     "amplitude_range",
     "amplitude_rgb",
+    "phase_display",
     "phase_figure",
     "phase_rgb",
     "tick_labels",
@@ -90,8 +94,10 @@ def amplitude_range(a: np.ndarray, mask: np.ndarray | None = None
     return float(lo), float(hi)
 
 
-def amplitude_rgb(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Grey (H, W, 3) uint8 of an amplitude, scaled over its 1st-99th percentile in mask.
+def amplitude_rgb(a: np.ndarray, mask: np.ndarray | None = None,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Grey (H, W, 3) uint8 of an amplitude, scaled over its 1st-99th percentile in mask,
+    or over ``value_range`` (lo, hi): one shared scale for images to be compared.
 
     A complex input is reduced to its modulus. Pixels outside ``mask`` (or not finite)
     get UNVISITED_RGB.
@@ -101,15 +107,53 @@ def amplitude_rgb(a: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     rgb = np.empty((*a.shape, 3), dtype=np.uint8)
     rgb[...] = UNVISITED_RGB
     if valid.any():
-        lo, hi = np.percentile(a[valid], [1.0, 99.0])
+        lo, hi = value_range if value_range is not None else np.percentile(
+            a[valid], [1.0, 99.0])
         span = hi - lo if hi > lo else 1.0
         grey = np.rint(np.clip((a[valid] - lo) / span, 0.0, 1.0) * 255.0).astype(np.uint8)
         rgb[valid] = grey[:, None]
     return rgb
 
 
-def phase_rgb(phi: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Cyclic-colour (H, W, 3) uint8 of a phase in radians (any range; wrapped mod 2pi).
+def _diverging_lut(size: int = 256) -> np.ndarray:
+    """Blue (negative) - near white (0) - red (positive): for a phase shown linearly."""
+    t = np.linspace(-1.0, 1.0, size)
+    blue, red = np.array([0.15, 0.3, 0.75]), np.array([0.75, 0.15, 0.15])
+    white = np.array([0.96, 0.96, 0.96])
+    rgb = np.where(t[:, None] < 0, white + (blue - white) * -t[:, None],
+                   white + (red - white) * t[:, None])
+    return np.rint(rgb * 255.0).astype(np.uint8)
+
+
+DIVERGING_LUT: np.ndarray = _diverging_lut()
+# A phase whose 1-99 % spread about its circular mean is below this is shown linearly
+# (centre +- half-range, diverging colours): on the +-pi wheel +-0.6 rad is one hue.
+LINEAR_PHASE_BELOW_RAD = 2.0
+
+
+def phase_display(phi: np.ndarray, mask: np.ndarray | None = None
+                  ) -> tuple[float, float] | None:
+    """(centre, half) for a linear display of a weak phase, or None for the cyclic wheel.
+
+    centre: the circular mean over ``mask``; half: the larger |1st|/|99th| percentile of
+    the phase about it (at least 0.05 rad)."""
+    phi = np.asarray(phi)
+    phi = np.angle(phi) if np.iscomplexobj(phi) else phi.astype(np.float64)
+    valid = _valid_mask(phi, mask)
+    if not valid.any():
+        return None
+    centre = float(np.angle(np.mean(np.exp(1j * phi[valid]))))
+    about = np.angle(np.exp(1j * (phi[valid] - centre)))
+    lo, hi = np.percentile(about, [1.0, 99.0])
+    if hi - lo >= LINEAR_PHASE_BELOW_RAD:
+        return None
+    return centre, max(float(max(abs(lo), abs(hi))), 0.05)
+
+
+def phase_rgb(phi: np.ndarray, mask: np.ndarray | None = None,
+              linear: tuple[float, float] | None = None) -> np.ndarray:
+    """Cyclic-colour (H, W, 3) uint8 of a phase in radians (any range; wrapped mod 2pi),
+    or with ``linear=(centre, half)`` diverging colours over centre +- half (clipped).
 
     A complex input is reduced to its angle. Pixels outside ``mask`` (or not finite) get
     UNVISITED_RGB.
@@ -119,6 +163,15 @@ def phase_rgb(phi: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         raise ValueError(f"phase must be 2-D, got shape {phi.shape}")
     phi = np.angle(phi) if np.iscomplexobj(phi) else phi.astype(np.float64)
     valid = _valid_mask(phi, mask)
+    if linear is not None:
+        centre, half = linear
+        about = np.angle(np.exp(1j * (phi[valid] - centre)))
+        size = len(DIVERGING_LUT)
+        idx = np.clip(np.rint((about / half + 1.0) / 2.0 * (size - 1)), 0, size - 1)
+        rgb = np.empty((*phi.shape, 3), dtype=np.uint8)
+        rgb[...] = UNVISITED_RGB
+        rgb[valid] = DIVERGING_LUT[idx.astype(np.int64)]
+        return rgb
     size = len(PHASE_LUT)
     idx = np.floor((phi[valid] + np.pi) * (size / (2.0 * np.pi))).astype(np.int64) % size
     rgb = np.empty((*phi.shape, 3), dtype=np.uint8)
@@ -248,11 +301,13 @@ def with_colorbar(rgb: np.ndarray, bar: np.ndarray, ticks: list[tuple[float, str
 
 
 def amplitude_figure(obj: np.ndarray, mask: np.ndarray | None = None,
-                     upscale_to: int = 512) -> np.ndarray:
-    """Grey amplitude image (enlarged to ``upscale_to``) with a bar of its 1-99 % range:
-    black is the 1st percentile, white the 99th, five labelled values between."""
-    rgb = upscale_nearest(amplitude_rgb(obj, mask), upscale_to)
-    found = amplitude_range(obj, mask)
+                     upscale_to: int = 512,
+                     value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Grey amplitude image (enlarged to ``upscale_to``) with a bar of its 1-99 % range
+    (or of ``value_range``, shared by images to compare): black is the 1st percentile,
+    white the 99th, five labelled values between."""
+    rgb = upscale_nearest(amplitude_rgb(obj, mask, value_range), upscale_to)
+    found = value_range if value_range is not None else amplitude_range(obj, mask)
     grey = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
     if found is None:
         return with_colorbar(rgb, grey, [], "amplitude", note="nothing lit")
@@ -262,14 +317,31 @@ def amplitude_figure(obj: np.ndarray, mask: np.ndarray | None = None,
     labels = tick_labels(lo + fractions * span) if span > 0 else tick_labels(np.array([lo]))
     ticks = list(zip(fractions.tolist(), labels, strict=True))
     return with_colorbar(rgb, grey, ticks, "amplitude",
-                         note="1-99 % range;\nclipped beyond")
+                         note="1-99 % range;\nclipped beyond" if value_range is None
+                         else "shared scale;\nclipped beyond")
+
+
+_AUTO = "auto"
 
 
 def phase_figure(obj: np.ndarray, mask: np.ndarray | None = None,
-                 upscale_to: int = 512) -> np.ndarray:
-    """Cyclic phase image (enlarged to ``upscale_to``) with the cyclic bar from -pi
-    (bottom) to pi (top), labelled in radians; its two ends are the same colour."""
-    rgb = upscale_nearest(phase_rgb(obj, mask), upscale_to)
+                 upscale_to: int = 512,
+                 linear: tuple[float, float] | None | str = _AUTO) -> np.ndarray:
+    """Phase image (enlarged to ``upscale_to``) with its colour bar, in radians.
+
+    ``linear``: "auto" (default) shows a weak phase (:func:`phase_display`) linearly with
+    diverging colours over centre +- half, anything else on the cyclic bar from -pi
+    (bottom) to pi (top), whose two ends are the same colour; a (centre, half) pair forces
+    the linear display (one scale for images to compare), None the cyclic one."""
+    if isinstance(linear, str):
+        linear = phase_display(obj, mask)
+    rgb = upscale_nearest(phase_rgb(obj, mask, linear), upscale_to)
+    if linear is not None:
+        centre, half = linear
+        values = centre + np.linspace(-half, half, 5)
+        ticks = list(zip(np.linspace(0.0, 1.0, 5).tolist(), tick_labels(values), strict=True))
+        return with_colorbar(rgb, DIVERGING_LUT, ticks, "phase (rad)",
+                             note="linear about\nthe mean phase")
     font = _font(int(np.clip(rgb.shape[0] // 30, 11, 28)))
     pi = pi_symbol(font)
     ticks = [(0.0, f"-{pi}"), (0.25, f"-{pi}/2"), (0.5, "0"), (0.75, f"{pi}/2"),

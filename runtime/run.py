@@ -667,6 +667,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     quality = quality_report(stitched, well_lit, scan.object_truth)
     if "error" in quality:
         warnings.append(f"ground truth not scored: {quality['error']}")
+    warnings.extend(quality.get("warnings", []))
 
     report: dict[str, Any] = {
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),

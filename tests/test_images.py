@@ -146,3 +146,31 @@ def test_figure_with_nothing_lit_and_a_flat_amplitude() -> None:
     assert amplitude_figure(obj, np.zeros(obj.shape, bool)).shape[0] >= 512
     assert amplitude_figure(obj).shape[0] >= 512  # flat: one tick, no division by zero
     assert phase_figure(obj, upscale_to=0).shape[0] >= 20
+
+
+def test_weak_phase_is_drawn_linearly_and_strong_phase_on_the_wheel():
+    from runtime.images import DIVERGING_LUT, phase_display, phase_figure, phase_rgb
+
+    yy = np.linspace(-0.6, 0.6, 64)[:, None] * np.ones((1, 64))
+    weak = np.exp(1j * (yy + 2.0))  # +-0.6 rad about a mean of 2 rad
+    centre, half = phase_display(weak)
+    assert centre == pytest.approx(2.0, abs=1e-3) and half == pytest.approx(0.6, rel=0.05)
+    rgb = phase_rgb(weak, linear=(centre, half))
+    # bottom row (-0.6 about the mean) blue end, top row red end, middle near white
+    assert tuple(rgb[0, 0]) == tuple(DIVERGING_LUT[0])
+    assert tuple(rgb[-1, 0]) == tuple(DIVERGING_LUT[-1])
+    assert rgb[32, 0].min() > 200
+    strong = np.exp(1j * 3.0 * yy / 0.6)  # +-3 rad: wraps, the wheel is right
+    assert phase_display(strong) is None
+    assert phase_figure(weak, upscale_to=64).shape[0] >= 64
+
+
+def test_shared_amplitude_range_keeps_lost_contrast_visible():
+    from runtime.images import amplitude_rgb
+
+    truth = np.linspace(0.5, 1.0, 100).reshape(10, 10)
+    flat_recon = 0.75 + 0.1 * (truth - 0.75)  # a fifth of the contrast came back
+    own = amplitude_rgb(flat_recon)
+    shared = amplitude_rgb(flat_recon, value_range=(0.5, 1.0))
+    assert int(own.max()) - int(own.min()) > 240  # own scale stretches it to full contrast
+    assert int(shared.max()) - int(shared.min()) < 60  # the shared scale shows the loss

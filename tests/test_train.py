@@ -183,3 +183,16 @@ def test_time_budget_plans_the_steps_and_reports_the_fit(tmp_path):
     assert result.seconds < 0.2 * 60 * 1.25 + 30 + 20  # the cap, plus reporting
     fit = result.quality["fit"]
     assert fit["poisson_floor"] > 0 and fit["likelihood_over_floor"] > 1
+
+
+def test_unknown_preset_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    from cli.train import app
+
+    scan = simulate_scan(SimulationConfig(patch_size=32, grid_shape=(4, 4), step_px=4,
+                                          probe_diameter_px=12, defocus=3))
+    save_scan(tmp_path / "scan.npz", scan)
+    result = CliRunner().invoke(app, [str(tmp_path / "scan.npz"), "-o", str(tmp_path / "b.zip"),
+                                      "--preset", "huge"])
+    assert result.exit_code == 2
+    assert "unknown preset 'huge'" in result.stderr and result.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npz"]

@@ -1,0 +1,31 @@
+"""bench/quality.py end to end on its --quick case: files written, figures in range."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("skimage")
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_quality_bench_writes_table_json_and_frc_plot(tmp_path):
+    from bench.quality import main
+
+    assert main(["--quick", "-o", str(tmp_path), "--machine", "t"]) == 0
+    results = json.loads((tmp_path / "quality-t.json").read_text())
+    (case,) = results["cases"]
+    model = case["quality"]["model"]
+    for key in ("amplitude_ssim", "phase_ssim", "amplitude_corr", "phase_corr"):
+        assert -1.0 <= model[key] <= 1.0, key
+    assert model["frc_resolution_px"] >= 1.0
+    assert len(model["frc_curve"]["frc"]) == len(model["frc_curve"]["cycles_per_px"]) > 5
+    assert case["unseen"]["model"]["amplitude_corr"] is not None
+    assert case["steps"] == 20 and case["ort_cpu_patterns_per_s"] > 0
+    table = (tmp_path / "quality-t.md").read_text()
+    assert "| smooth | 1e+06 | 1 | unet-tiny |" in table
+    assert (tmp_path / "quality-t-frc.png").stat().st_size > 1000
