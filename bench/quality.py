@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                     (stem.with_suffix(".json")).write_text(json.dumps(results, indent=1,
                                                                       default=str))
                     (stem.with_suffix(".md")).write_text(markdown(results))
-    frc_plot(args.output / f"quality-{machine}-frc.png", results)
+    if any(c.get("quality", {}).get("model", {}).get("frc_curve") for c in results["cases"]):
+        frc_plot(args.output / f"quality-{machine}-frc.png", results)
     return 0 if all("error" not in c for c in results["cases"]) else 1
 
 

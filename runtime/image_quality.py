@@ -201,7 +201,8 @@ def ground_truth_report(obj: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     """The one ground-truth section of every report (ptycho-train's quality.json,
     ptycho-run's report.json, the demo, the quality benchmark).
 
-    ``model`` holds :func:`quality_figures` plus the complex NRMSE and the removed ramp;
+    ``model`` holds :func:`quality_figures` (with the FRC curve) plus the complex NRMSE
+    and the removed ramp;
     ``flat_baseline`` the same for the trivial reconstruction (a flat object: the mean
     amplitude, zero phase); ``verdict`` says per channel whether the model beat it by more
     than :data:`FLAT_MARGIN` in RMSE, and ``warnings`` says so in words when it did not.
@@ -211,13 +212,13 @@ def ground_truth_report(obj: np.ndarray, truth: np.ndarray, mask: np.ndarray,
     sel = np.asarray(mask, bool)
     flat = np.full_like(obj, np.abs(obj[sel]).mean())
 
-    def figures(estimate: np.ndarray) -> dict[str, Any]:
+    def figures(estimate: np.ndarray, with_curve: bool) -> dict[str, Any]:
         errors = reconstruction_errors(estimate, truth, sel, remove_ramp=True)
         keep = {k: errors[k] for k in ("complex_nrmse", "phase_ramp_y_rad_per_px",
                                        "phase_ramp_x_rad_per_px")}
-        return _finite(quality_figures(estimate, truth, sel) | keep)
+        return _finite(quality_figures(estimate, truth, sel, with_curve) | keep)
 
-    model, baseline = figures(obj), figures(flat)
+    model, baseline = figures(obj, True), figures(flat, False)
     verdict, warnings = {}, []
     for channel, key, unit in (("amplitude", "amplitude_rmse", ""),
                                ("phase", "phase_rmse_rad", " rad")):
