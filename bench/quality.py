@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", default="default")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="training budget per case (default: ptycho-train's own)")
+    parser.add_argument("--defocus-rad", type=float, default=None,
+                        help="probe defocus (pupil-edge phase, rad; default "
+                             f"{ScanSpec().defocus_rad}: a bright core; 5: a broad disc)")
     parser.add_argument("--quick", action="store_true", help="one tiny case, seconds")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
@@ -179,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     doses = [float(d) for d in args.doses.split(",")]
     gridsizes = [int(g) for g in args.gridsizes.split(",")]
     presets = args.presets.split(",")
+    if args.defocus_rad is not None:
+        base = ScanSpec(defocus_rad=args.defocus_rad)
     if args.quick:
         base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
         kinds, doses, gridsizes, presets = ["smooth"], [1e6], [1], ["unet-tiny"]
