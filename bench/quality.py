@@ -56,8 +56,6 @@ def run_case(work: Path, spec: ScanSpec, preset: str, gridsize: int,
     seen = run_scan(work / "export", scan_path, work / "recon", provider="cpu", progress=False)
     unseen = run_scan(work / "export", unseen_path, work / "recon_unseen", provider="cpu",
                       progress=False)
-    with open(work / "bundle_run.json", "w") as handle:  # for a look after a failure
-        json.dump(result.quality, handle, default=str)
     return {
         "kind": spec.kind, "photons": spec.photons, "gridsize": gridsize, "preset": preset,
         "train_s": round(train_s, 1),

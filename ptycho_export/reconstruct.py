@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.grouping import group_neighbours
-from runtime.image_quality import WELL_LIT_RULE, ground_truth_report, well_lit_mask
+from runtime.image_quality import well_lit_mask
+from runtime.run import quality_report as runtime_quality_report
 from runtime.scan import ScanData
-from runtime.stitch import StitchedObject, crop_to, stitch_patches, to_complex
+from runtime.stitch import StitchedObject, stitch_patches, to_complex
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,4 @@ def quality_report(recon: Reconstruction, scan: ScanData) -> dict:
     """Figures against ground truth, the same section ``ptycho-run`` writes
     (runtime.image_quality.ground_truth_report: SSIM, PSNR, correlation, RMSE, FRC, and a
     flat-object baseline that a useful model beats clearly)."""
-    if scan.object_truth is None:
-        return {"ground_truth": False}
-    truth = crop_to(scan.object_truth, recon.stitched)
-    return ground_truth_report(recon.stitched.obj, truth, recon.well_lit, WELL_LIT_RULE)
+    return runtime_quality_report(recon.stitched, recon.well_lit, scan.object_truth)

@@ -63,6 +63,9 @@ class PtychoModule(L.LightningModule):
         """Train with channels-last convolution weights: about 20 % faster per step on the
         CPU (oneDNN's preferred layout), the same numbers."""
         self.net.to(memory_format=torch.channels_last)
+        if self.guide_re is not None:  # once, not a host-to-device copy every step
+            self.guide_re = self.guide_re.to(self.device)
+            self.guide_im = self.guide_im.to(self.device)
 
     def on_fit_end(self) -> None:
         """Back to the default layout: the bundle and every export see plain tensors."""
@@ -84,8 +87,9 @@ class PtychoModule(L.LightningModule):
     def guide_loss(self, patches: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor
                    ) -> torch.Tensor:
         """Mean |probe|^2-weighted squared distance from the solved object's patches."""
-        target_re = self.guide_re[index.cpu()].to(patches[0].device)
-        target_im = self.guide_im[index.cpu()].to(patches[0].device)
+        index = index.to(self.guide_re.device)
+        target_re = self.guide_re[index].to(patches[0].device)
+        target_im = self.guide_im[index].to(patches[0].device)
         error = (patches[0] - target_re).square() + (patches[1] - target_im).square()
         return (self.light * error).mean()
 
