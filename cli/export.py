@@ -83,6 +83,11 @@ def export_command(
         rich_help_panel="Models not trained here",
         help="Allow one trusted class (package.module:Name) in torch.load(weights_only=True)"
         " (repeatable).")] = None,
+    input_scale: Annotated[list[str] | None, typer.Option(
+        rich_help_panel="Models not trained here",
+        help="argument=rule: compute that argument per sample from the input inside the "
+        "graph, so the artifact takes raw amplitudes at any level. rms: sqrt(N^2 / mean_C "
+        "sum x^2); rms-half: sqrt((N/2)^2 / ...) (repeatable).")] = None,
     cast_float64: Annotated[bool, typer.Option(
         rich_help_panel="Models not trained here",
         help="Cast float64 parameters/buffers to float32 (recorded) instead of refusing.")
@@ -94,6 +99,10 @@ def export_command(
     input_max: Annotated[float, typer.Option(
         rich_help_panel="Models not trained here",
         help="Maximum of the synthetic amplitudes (match your data's units).")] = 1.0,
+    allow_trace_warning: Annotated[list[str] | None, typer.Option(
+        help="FILE:LINE of a TorchScript trace warning you know depends only on fixed sizes "
+        "(repeatable; recorded in the manifest). Warnings the exporter can prove harmless "
+        "need none.")] = None,
     triton_name: Annotated[str, typer.Option(help="Model name inside the Triton repository.")
                            ] = "ptycho",
     triton_instance: Annotated[str, typer.Option(help="Triton instance kind: gpu or cpu.")
@@ -130,6 +139,8 @@ def export_command(
                 cast_float64=cast_float64, golden_inputs=golden_inputs, input_max=input_max,
                 formats=format, batch=batch, opset=opset, precision=precision,
                 with_physics=with_physics, amplitude_tol=amplitude_tol, phase_tol=phase_tol,
+                allow_trace_warning=allow_trace_warning or (),
+                input_scale=input_scale or (),
                 command=shlex.join(["ptycho-export", *sys.argv[1:]]), log=typer.echo)
             _report(result)
             return
@@ -138,7 +149,8 @@ def export_command(
                                 batch=batch, opset=opset,
                                 precision=precision, with_physics=with_physics,
                                 fft_impl=fft_impl, tolerances=tolerances,
-                                command=shlex.join(["ptycho-export", *sys.argv[1:]]))
+                                command=shlex.join(["ptycho-export", *sys.argv[1:]]),
+                                allow_trace_warnings=list(allow_trace_warning or ()))
         outdir = output or Path("artifacts") / (("triton_" if triton else "") + bundle.stem)
         if triton:
             import tempfile
@@ -169,6 +181,8 @@ def _report(result) -> None:  # noqa: ANN001 - an ExportResult
                f"{worst_amp:.2e} of max, worst weighted phase error {worst_phase:.2e} rad")
     typer.echo(f"wrote {result.outdir}/ in {result.seconds:.1f} s: "
                + ", ".join(sorted(result.manifest["files"])))
+    for name, why in result.manifest.get("lint", {}).get("refused_formats", {}).items():
+        typer.echo(f"warning: {name} not written: {why}")
     if "onnx" in result.manifest["artifacts"]:
         typer.echo(f"next: ptycho-run {result.outdir} your_scan.npz -o "
                    f"{result.outdir}/run --provider auto")

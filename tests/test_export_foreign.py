@@ -111,6 +111,12 @@ class ShapeAsNumber(TinyHeads):
         return amp * (1.0 / float(x.shape[-1])), phase  # <- here
 
 
+class ValueAsNumber(TinyHeads):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amp, phase = self.heads(x)
+        return amp * x.mean().item(), phase  # <- here
+
+
 class Float64Buffer(TinyHeads):
     def __init__(self) -> None:
         super().__init__()
@@ -235,6 +241,14 @@ def _refusal(module: nn.Module, tmp_path: Path, adapter: InferenceAdapter | None
     with pytest.raises(error) as caught:
         _export(module, tmp_path, adapter)
     assert not (tmp_path / "out").exists()
+    return str(caught.value)
+
+
+def _refusal_formats(module: nn.Module, tmp_path: Path, adapter: InferenceAdapter,
+                     formats: tuple[str, ...]) -> str:
+    with pytest.raises(ExportLintError) as caught:
+        _export(module, tmp_path / "refused", adapter, formats)
+    assert not (tmp_path / "refused" / "out").exists()
     return str(caught.value)
 
 
@@ -368,11 +382,30 @@ def test_tensor_to_bool_branch_is_refused_with_its_line(tmp_path: Path) -> None:
     assert f"{__file__}:{_marked_line(TensorBranch)}" in message
 
 
-def test_tracer_warning_is_refused_with_its_line(tmp_path: Path) -> None:
+def test_shape_only_trace_warning_is_proven_and_recorded(tmp_path: Path) -> None:
     adapter = InferenceAdapter(input_shape=SHAPE, output="amp_phase")
-    message = _refusal(ShapeAsNumber().eval(), tmp_path, adapter)
-    assert message.startswith("tracing is unsafe at ")
-    assert f"{__file__}:{_marked_line(ShapeAsNumber)}" in message
+    result = _export(ShapeAsNumber().eval(), tmp_path, adapter, ("onnx", "torchscript"))
+    lint = result.manifest["lint"]
+    assert lint["refused_formats"] == {}
+    (warning,) = lint["trace_warnings_accepted"]
+    assert warning["where"] == f"{__file__}:{_marked_line(ShapeAsNumber)}"
+    assert warning["accepted"].startswith("proven harmless")
+    assert set(result.manifest["artifacts"]) == {"onnx", "torchscript"}
+
+
+def test_unsafe_trace_refuses_torchscript_alone(tmp_path: Path) -> None:
+    adapter = InferenceAdapter(input_shape=SHAPE, output="amp_phase")
+    result = _export(ValueAsNumber().eval(), tmp_path, adapter, ("onnx", "torchscript", "pt2"))
+    assert set(result.manifest["artifacts"]) == {"onnx", "pt2"}
+    assert sorted(p.name for p in result.outdir.iterdir() if p.suffix in (".ts", ".onnx",
+                                                                          ".pt2")) \
+        == ["model.onnx", "model.pt2"]
+    why = result.manifest["lint"]["refused_formats"]["torchscript"]
+    assert why.startswith(f"tracing is unsafe at {__file__}:{_marked_line(ValueAsNumber)}")
+    assert any(note.startswith("torchscript refused: ") for note in result.manifest["notes"])
+    # asked for TorchScript alone, the same model is refused with the same line
+    message = _refusal_formats(ValueAsNumber().eval(), tmp_path, adapter, ("torchscript",))
+    assert message == why
 
 
 def test_float64_module_buffer_refused_then_cast_on_request(tmp_path: Path) -> None:

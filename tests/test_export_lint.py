@@ -10,7 +10,12 @@ torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
 
-from ptycho_export.export.lint import ExportLintError, LintResult, lint_module  # noqa: E402
+from ptycho_export.export.lint import (  # noqa: E402
+    ExportLintError,
+    LintResult,
+    baked_devices,
+    lint_module,
+)
 
 
 def _example() -> torch.Tensor:
@@ -60,6 +65,13 @@ class FactoryWithoutDevice(nn.Module):
         return x + torch.ones(x.shape[-1])  # <- here
 
 
+class OnesOnInputDevice(nn.Module):
+    """Upstream's pattern: a tensor made on the input's device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.ones(x.shape[-2:], device=x.device)  # <- here
+
+
 class DataDependentBranch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.max() > 0.5:
@@ -95,6 +107,21 @@ class TensorAsPythonNumber(nn.Module):
         return x * x.sum().item()  # <- here
 
 
+class ShapeComparison(nn.Module):
+    """Upstream's pattern: a sanity check on fixed sizes before combining two branches."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.sigmoid(x), torch.tanh(x)
+        if a.shape[-2:] != b.shape[-2:]:  # <- here
+            raise ValueError("branches differ")
+        return a * b
+
+
+class LoopOverBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[i] * 2 for i in range(x.shape[0])])
+
+
 class Clean(nn.Module):
     """The shape of the real wrapper: conv, two real outputs, tensors made from x."""
 
@@ -122,21 +149,46 @@ def test_float64_parameter_is_named() -> None:
     assert "parameter '0.bias'" in message and "float32" in message
 
 
-@pytest.mark.parametrize("cls", [ArangeOnNamedDevice, OnesOnNamedDevice, FactoryWithoutDevice])
-def test_device_baked_into_forward(cls: type) -> None:
-    # torch.export accepts these (it keeps devices symbolic); the traced graph keeps a
-    # prim::Constant device, which the lint reports with the source line.
-    message = _refusal(cls().eval())
-    assert "a device (cpu) is baked into forward" in message
-    assert f"{__file__}({_marked_line(cls)})" in message
-    assert "zeros_like" in message
+@pytest.mark.parametrize("cls", [ArangeOnNamedDevice, OnesOnNamedDevice, FactoryWithoutDevice,
+                                 OnesOnInputDevice])
+def test_device_baked_by_the_trace_follows_the_input(cls: type, tmp_path) -> None:
+    # torch.export keeps devices symbolic; the trace records a prim::Constant device,
+    # which the lint rewrites to the device of the graph's input, naming the source line.
+    module = cls().eval()
+    assert baked_devices(torch.jit.trace(module, (_example(),), check_trace=False))
+    result = _lint(module)
+    assert "torchscript" not in result.refused
+    assert baked_devices(result.traced) == []
+    assert len(result.device_rewrites) == 1
+    assert f"{__file__}({_marked_line(cls)})" in result.device_rewrites[0]
+    assert "follows the input" in result.device_rewrites[0]
+    path = tmp_path / "m.ts"
+    torch.jit.save(result.traced, str(path))
+    batch = torch.rand(3, 1, 16, 16)
+    on_cpu = torch.jit.load(str(path), map_location="cpu")
+    torch.testing.assert_close(on_cpu(batch), module(batch), rtol=0, atol=0)
+    # The saved file makes its tensors where the input is: on the meta device here (on
+    # CUDA in the GPU check), which would fail with a baked cpu constant.
+    on_meta = torch.jit.load(str(path), map_location="meta")
+    assert on_meta(batch.to("meta")).device.type == "meta"
+
+
+def test_device_rewrite_reaches_submodules() -> None:
+    module = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), OnesOnInputDevice()).eval()
+    result = _lint(module)
+    assert baked_devices(result.traced) == []
+    assert "of 1" in result.device_rewrites[0]  # the submodule's own graph, named
 
 
 def test_data_dependent_branch() -> None:
     message = _refusal(DataDependentBranch().eval())
-    assert message.startswith("torch.export refused the model")
+    assert message.startswith("every requested format was refused: onnx, pt2: "
+                              "torch.export refused the model")
     assert "data-dependent" in message
     assert "branches on tensor values" in message and "torch.where" in message
+    # the trace's warning for the same branch cannot be proven harmless
+    assert "torchscript: tracing is unsafe at " in message
+    assert "cannot prove it harmless" in message
 
 
 @pytest.mark.parametrize(("module", "child"), [
@@ -158,13 +210,58 @@ def test_train_mode_of_one_submodule_is_enough() -> None:
     assert "WithBatchNorm" not in message
 
 
-@pytest.mark.parametrize("cls", [ShapeAsPythonFloat, TensorAsPythonNumber])
-def test_tracer_warning_becomes_a_refusal_with_file_and_line(cls: type) -> None:
-    # torch.export accepts both (a static dim; an unbacked float); the trace warns.
-    message = _refusal(cls().eval())
-    assert message.startswith("tracing is unsafe at ")
-    assert f"{__file__}:{_marked_line(cls)}" in message
-    assert "Python" in message and "tensor ops" in message
+@pytest.mark.parametrize("cls", [ShapeAsPythonFloat, ShapeComparison])
+def test_shape_only_trace_warning_is_proven_and_recorded(cls: type) -> None:
+    result = _lint(cls().eval())
+    assert result.refused == {}
+    (warning,) = result.trace_warnings
+    assert warning.where == f"{__file__}:{_marked_line(cls)}"
+    assert warning.accepted.startswith("proven harmless: torch.export accepts the module")
+    assert result.record()["trace_warnings_accepted"][0]["where"] == warning.where
+
+
+def test_value_read_off_a_tensor_refuses_torchscript_alone() -> None:
+    # torch.export keeps x.sum().item() symbolic (ONNX and .pt2 are right); the trace
+    # freezes the example's sum, which the proof on rescaled inputs exposes.
+    result = _lint(TensorAsPythonNumber().eval())
+    assert set(result.refused) == {"torchscript"}
+    assert result.exported is not None and result.traced is None
+    message = result.refused["torchscript"]
+    assert message.startswith(f"tracing is unsafe at {__file__}:"
+                              f"{_marked_line(TensorAsPythonNumber)}")
+    assert "differs from eager" in message and "--allow-trace-warning" in message
+    with pytest.raises(ExportLintError, match="tracing is unsafe"):
+        lint_module(TensorAsPythonNumber().eval(), (_example(),), formats=("torchscript",))
+
+
+def test_loop_over_the_batch_is_refused_for_every_format() -> None:
+    # No TracerWarning at all: the trace unrolls the loop for the example's batch of 2.
+    message = _refusal(LoopOverBatch().eval())
+    assert "onnx, pt2: torch.export refused the model" in message
+    assert "forward fixes the batch size" in message and "--batch N" in message
+    assert ("torchscript: the trace does not reproduce eager: the trace fails at batch 1, "
+            "the example's values x0.37") in message
+
+
+def test_loop_over_a_fixed_batch_is_exported() -> None:
+    result = lint_module(LoopOverBatch().eval(), (_example(),), dynamic_batch=False)
+    assert result.refused == {}
+
+
+def test_allow_trace_warning_is_explicit_and_recorded() -> None:
+    where = f"tests/test_export_lint.py:{_marked_line(TensorAsPythonNumber)}"
+    result = lint_module(TensorAsPythonNumber().eval(), (_example(),),
+                         allow_trace_warnings=[where])
+    assert result.refused == {}
+    assert result.trace_warnings[0].accepted == f"allowed by --allow-trace-warning {where}"
+    other = lint_module(TensorAsPythonNumber().eval(), (_example(),),
+                        allow_trace_warnings=["other.py:" + where.split(":")[1]])
+    assert "torchscript" in other.refused
+
+
+def test_onnx_alone_never_traces() -> None:
+    result = lint_module(TensorAsPythonNumber().eval(), (_example(),), formats=("onnx",))
+    assert result.refused == {} and result.traced is None and result.trace_warnings == []
 
 
 def test_clean_module_passes_and_returns_both_programs() -> None:

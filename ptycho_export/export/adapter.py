@@ -33,6 +33,15 @@ from ptycho_export.export.formats import UsageError
 from ptycho_export.export.lint import ExportLintError, check_float32
 
 OUTPUT_KINDS = ("complex", "amp_phase", "re_im")
+# Per-sample input scales computed inside the graph from the input itself, so an artifact
+# takes raw amplitudes at any level. name -> (numerator as a function of N, formula).
+# Both are upstream PtychoPINN's Parseval RMS scale, which its code writes two ways.
+INPUT_SCALE_RULES: dict[str, tuple[Callable[[int], float], str]] = {
+    "rms": (lambda n: float(n * n),
+            "sqrt(N^2 / mean over the sample's C patterns of sum over pixels of x^2)"),
+    "rms-half": (lambda n: (n / 2.0) ** 2,
+                 "sqrt((N/2)^2 / mean over the sample's C patterns of sum over pixels of x^2)"),
+}
 OutputFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
 _PY_SCALARS = (bool, int, float, complex)
 _NARROW = {torch.float64: torch.float32, torch.complex128: torch.complex64}
@@ -55,6 +64,9 @@ class InferenceAdapter:
     output_index: pick this element of a tuple/list result before mapping it.
     cast_float64: cast the module's own float64 parameters/buffers to float32 (recorded);
                   without it they are refused.
+    input_scale:  {argument: rule}: arguments computed per sample from the input inside
+                  the graph, shape (B, 1, 1, 1) float32 (rules: INPUT_SCALE_RULES; an
+                  all-zero sample gets 1).
     """
 
     input_shape: tuple[int, int, int]
@@ -64,6 +76,7 @@ class InferenceAdapter:
     output: str | OutputFn = "complex"
     output_index: int | None = None
     cast_float64: bool = False
+    input_scale: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         shape = tuple(self.input_shape)
@@ -83,6 +96,15 @@ class InferenceAdapter:
                 raise UsageError(f"constant {name!r} is not a Python argument name")
         if self.input_name is not None and self.input_name in self.constants:
             raise UsageError(f"{self.input_name!r} is both the input and a constant")
+        for name, rule in self.input_scale.items():
+            if rule not in INPUT_SCALE_RULES:
+                raise UsageError(f"input scale {name}={rule}: choose a rule from "
+                                 f"{', '.join(INPUT_SCALE_RULES)}")
+            if not re.fullmatch(r"[A-Za-z_]\w*", name) or name == self.input_name:
+                raise UsageError(f"input scale {name!r} is not an argument name of its own")
+            if name in self.constants:
+                raise UsageError(f"{name!r} is both a constant and computed from the input "
+                                 "(--input-scale): drop it from the constants")
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record for the manifest (constants by name, dtype and shape)."""
@@ -95,10 +117,23 @@ class InferenceAdapter:
                                 "shape": list(value.shape)}
             else:
                 consts[name] = {"python": repr(value)}
+        scales = {name: {"rule": rule, "per_sample": INPUT_SCALE_RULES[rule][1],
+                         "shape": ["batch", 1, 1, 1]}
+                  for name, rule in self.input_scale.items()}
         return {"method": self.method, "input_name": self.input_name,
                 "input_shape": list(self.input_shape), "output": output,
                 "output_index": self.output_index, "constants": consts,
-                "cast_float64": self.cast_float64}
+                "cast_float64": self.cast_float64, "input_scale": scales}
+
+
+def per_sample_scale(diffraction: torch.Tensor, rule: str, patch_size: int) -> torch.Tensor:
+    """INPUT_SCALE_RULES[rule] of each sample, (B, 1, 1, 1) float32, in tensor ops only
+    (it is traced and exported with the model; N comes from the adapter, not from a shape
+    read while tracing); 1 for an all-zero sample."""
+    numerator = INPUT_SCALE_RULES[rule][0](patch_size)
+    power = diffraction.square().sum(dim=(-2, -1)).mean(dim=1).reshape(-1, 1, 1, 1)
+    safe = torch.where(power > 0, power, torch.ones_like(power))
+    return torch.where(power > 0, torch.sqrt(numerator / safe), torch.ones_like(power))
 
 
 def _as_tensor(name: str, value: Any, notes: list[str]) -> torch.Tensor:
@@ -172,6 +207,8 @@ class AdaptedModule(nn.Module):
         self.input_name = adapter.input_name
         self.output_kind = adapter.output
         self.output_index = adapter.output_index
+        self.input_scale = dict(adapter.input_scale)
+        self.patch_size = int(adapter.input_shape[-1])
         self.notes: list[str] = []
         self.python_constants: dict[str, Any] = {}
         self.buffer_names: dict[str, str] = {}
@@ -194,6 +231,8 @@ class AdaptedModule(nn.Module):
         """The foreign method's raw result."""
         kwargs = dict(self.python_constants)
         kwargs.update({name: getattr(self, buffer) for name, buffer in self.buffer_names.items()})
+        kwargs.update({name: per_sample_scale(diffraction, rule, self.patch_size)
+                       for name, rule in self.input_scale.items()})
         method = getattr(self.model, self.method)
         if self.input_name is None:
             return method(diffraction, **kwargs)

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import time
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ from ptycho_export.export.adapter import (
     prepare_model,
 )
 from ptycho_export.export.complex_ops import (
+    RewriteReport,
     explain_onnx_failure,
     record_complex_ops,
     rewrite_complex,
+    user_frame,
 )
 from ptycho_export.export.formats import UsageError, parse_formats
-from ptycho_export.export.lint import ExportLintError, lint_module
+from ptycho_export.export.lint import lint_module
 from ptycho_export.export.pipeline import (
     COMPLEX_LAYOUT,
     ExportOptions,
@@ -64,6 +67,7 @@ SYNTHETIC_COUNT = 4
 _NEVER_ALLOW = ("builtins", "os", "posix", "nt", "subprocess", "sys", "shutil", "pathlib",
                 "importlib", "runpy", "pickle", "codecs", "functools", "operator", "eval")
 SYNTHETIC_PEAK_COUNTS = 1000.0
+SCALE_CASES = (1e-3, 1e3)  # gated inputs at other levels when the graph scales its input
 
 
 class CheckpointError(PtychoError):
@@ -91,8 +95,23 @@ def import_object(spec: str) -> Any:
         obj: Any = module
         for part in attr.split("."):
             obj = getattr(obj, part)
+    except ModuleNotFoundError as err:
+        missing = (err.name or "").split(".")[0]
+        if missing and missing != module_name.split(".")[0]:
+            raise UsageError(
+                f"cannot import {spec}: importing {module_name} needs the package "
+                f"'{missing}', which is not installed here (pip install {missing}); importing "
+                "a model's module runs all its imports, even ones inference never uses"
+            ) from None
+        raise UsageError(f"cannot import {spec}: no module named {err.name!r} (is it "
+                         "installed, or on PYTHONPATH?)") from None
     except (ImportError, AttributeError) as err:
         raise UsageError(f"cannot import {spec}: {type(err).__name__}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - the user's module failed while importing
+        frame = user_frame(traceback.extract_tb(err.__traceback__))
+        raise UsageError(f"cannot import {spec}: importing it raised {type(err).__name__}"
+                         f"{' at ' + frame if frame else ''}: {str(err).strip()[:200]}"
+                         ) from None
     return obj
 
 
@@ -320,8 +339,12 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
 
     log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
     with detached_from_trainer():
-        linted = lint_module(wrapper, example, dynamic, allow_complex=True)
-    program, rewrites = rewrite_complex(linted.exported)
+        linted = lint_module(wrapper, example, dynamic, allow_complex=True,
+                             formats=options.formats,
+                             allow_trace_warnings=options.allow_trace_warnings)
+    notes += linted.notes()
+    program, rewrites = (rewrite_complex(linted.exported) if linted.exported is not None
+                         else (None, RewriteReport()))
     where: dict[str, str] = {}
     if rewrites.counts:
         where = record_complex_ops(wrapper, example)
@@ -361,8 +384,11 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
         "notes": notes,
         "golden_inputs": golden_kind,
         "inputs": [{"name": INPUT_NAME, "shape": in_shape, "dtype": "float32",
-                    "meaning": "diffraction amplitudes in the units the source model expects "
-                               "(its own scaling, if any, is inside the graph)"}],
+                    "meaning": ("raw diffraction amplitudes at any level: the graph "
+                                "computes " + ", ".join(adapter.input_scale) +
+                                " per sample from the input itself") if adapter.input_scale
+                    else ("diffraction amplitudes in the units the source model expects "
+                          "(its own scaling, if any, is inside the graph)")}],
         "outputs": [{"name": name, "shape": out_shape, "dtype": "float32",
                      "observed_range": ranges[name]} for name in OUTPUT_NAMES],
         "complex_layout": COMPLEX_LAYOUT,
@@ -370,23 +396,27 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
     }
     for note in notes:
         log(f"note: {note}")
-    try:
-        return export_module(wrapper, linted, golden, outdir, options, metadata=metadata,
-                             manifest_fields=manifest_fields, exact=exact,
-                             eager=_eager_fp32_runner(wrapper), program=program,
-                             output_sample_shape=tuple(sample_out), log=log, started=started)
-    except (PtychoError, KeyboardInterrupt):
-        raise
-    except Exception as err:
+    def explain_onnx(err: Exception) -> str | None:
+        """A complex op without ONNX translation refuses ONNX alone (one line)."""
+        nonlocal where
+        if isinstance(err, PtychoError | KeyboardInterrupt):
+            return None
         if not where:
             where = record_complex_ops(wrapper, example)
         reason = explain_onnx_failure(err, where)
         if reason is None and isinstance(err, torch.onnx.errors.OnnxExporterError):
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             reason = f"ONNX export failed: {lines[0][:300] if lines else type(err).__name__}"
-        if reason is not None:
-            raise ExportLintError(reason) from None
-        raise
+        return reason
+
+    # An artifact that scales its own input must give the same answer at any level.
+    extra_cases = {f"golden x{k:g}": golden * np.float32(k) for k in SCALE_CASES} \
+        if adapter.input_scale else None
+    return export_module(wrapper, linted, golden, outdir, options, metadata=metadata,
+                         manifest_fields=manifest_fields, exact=exact,
+                         eager=_eager_fp32_runner(wrapper), program=program,
+                         output_sample_shape=tuple(sample_out), log=log, started=started,
+                         explain_onnx=explain_onnx, extra_cases=extra_cases)
 
 
 # ---------------------------------------------------------------- CLI-facing
@@ -415,6 +445,14 @@ def _parse_constant(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
+def _parse_input_scale(text: str) -> tuple[str, str]:
+    name, sep, rule = text.partition("=")
+    if not sep or not name.strip() or not rule.strip():
+        raise UsageError(f"--input-scale {text!r}: give argument=rule, e.g. "
+                         "input_scale_factor=rms")
+    return name.strip(), rule.strip()
+
+
 def export_foreign_command(
     model_class: str, outdir: str | os.PathLike, *,
     checkpoint: str | os.PathLike | None = None,
@@ -438,6 +476,8 @@ def export_foreign_command(
     with_physics: bool = False,
     amplitude_tol: float | None = None,
     phase_tol: float | None = None,
+    allow_trace_warning: Iterable[str] = (),
+    input_scale: Iterable[str] = (),
     command: str = "",
     log=None,  # noqa: ANN001
 ) -> ExportResult:
@@ -452,7 +492,8 @@ def export_foreign_command(
         tolerances["phase_weighted_max_rad"] = phase_tol
     options = ExportOptions(formats=parse_formats(formats), batch=batch, opset=opset,
                             precision=precision, with_physics=with_physics,
-                            tolerances=tolerances, command=command)
+                            tolerances=tolerances, command=command,
+                            allow_trace_warnings=list(allow_trace_warning))
     _check_options(options)
     if adapter is not None:
         made = import_object(adapter)
@@ -503,6 +544,8 @@ def export_foreign_command(
         output_index=output_index if output_index is not None else (
             base.output_index if base else None),
         cast_float64=cast_float64 or (base.cast_float64 if base else False),
+        input_scale={**(base.input_scale if base else {}),
+                     **dict(_parse_input_scale(t) for t in input_scale)},
     )
     return export_foreign(model, spec, outdir, options, golden=golden, input_max=input_max,
                           source=source, log=log)

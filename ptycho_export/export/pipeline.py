@@ -28,7 +28,7 @@ from torch import nn
 from ptycho_export.bundle import Bundle, build_net, read_bundle, sha256_file
 from ptycho_export.export.audit import audit_onnx, audit_torch_file
 from ptycho_export.export.formats import FORMATS, PRECISIONS, UsageError
-from ptycho_export.export.lint import LintResult, lint_module
+from ptycho_export.export.lint import ExportLintError, LintResult, lint_module
 from ptycho_export.export.wrapper import (
     INPUT_NAME,
     OUTPUT_NAMES,
@@ -73,6 +73,8 @@ class ExportOptions:
     fft_impl: str = "matmul"
     tolerances: dict[str, float] = field(default_factory=dict)
     command: str = ""
+    # FILE:LINE of trace warnings the user vouches for (recorded in the manifest)
+    allow_trace_warnings: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -91,6 +93,11 @@ class ExportOptions:
             raise UsageError(f"--batch must be >= 1, got {self.batch}")
         if not 18 <= self.opset <= 23:
             raise UsageError(f"--opset {self.opset}: the dynamo exporter supports 18 to 23")
+        for entry in self.allow_trace_warnings:
+            file, _, line = entry.rpartition(":")
+            if not file or not line.isdigit():
+                raise UsageError(f"--allow-trace-warning {entry!r}: give FILE:LINE as the "
+                                 "refusal printed it, e.g. ptycho_torch/model.py:658")
 
 
 @dataclass
@@ -176,7 +183,7 @@ def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance
     phase = _example_batch(outputs["phase"], options.batch)
     example = (torch.from_numpy(amplitude), torch.from_numpy(phase))
     # Both impls go through the lint: exporting the bare module would freeze the batch axis.
-    linted = lint_module(physics, example, options.batch is None)
+    linted = lint_module(physics, example, options.batch is None, formats=("onnx",))
     path = tmp / "physics.onnx"
     save_onnx(linted.exported, example, path, options.opset,
               list(PHYSICS_INPUT_NAMES), [PHYSICS_OUTPUT_NAME], metadata)
@@ -225,7 +232,9 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                   output_sample_shape: tuple[int, ...] | None = None,
                   extra: PhysicsHook | None = None, log=None,  # noqa: ANN001
                   started: float | None = None,
-                  extra_files: dict[str, bytes] | None = None) -> ExportResult:
+                  extra_files: dict[str, bytes] | None = None,
+                  explain_onnx: Callable[[Exception], str | None] | None = None,
+                  extra_cases: dict[str, np.ndarray] | None = None) -> ExportResult:
     """freeze -> audit -> parity gate -> manifest for any linted float32 module with one
     input (`INPUT_NAME`) and the outputs `OUTPUT_NAMES`, written atomically to `outdir`.
 
@@ -234,7 +243,9 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     rows), `program` what ONNX and .pt2 are made from
     (default: `linted.exported`; a rewritten program for foreign modules), `extra` a hook
     that adds one more artifact with its own parity rows (the physics graph),
-    `extra_files` files written beside the artifacts (hashed in the manifest like them).
+    `extra_files` files written beside the artifacts (hashed in the manifest like them),
+    `explain_onnx` turns an ONNX exporter failure into a reason to refuse ONNX alone
+    (None: re-raise it), `extra_cases` are more gated parity inputs (name -> batch).
     `manifest_fields` (source, model, inputs, outputs, ...) are merged into the manifest.
     """
     log = log or (lambda message: None)
@@ -258,13 +269,27 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         artifacts: dict[str, dict[str, Any]] = {}
         candidates = []
         output_shapes = [(example_np.shape[0], *sample_out)] * len(OUTPUT_NAMES)
+        refused = dict(linted.refused)
+        for name, why in refused.items():
+            log(f"refused {name}: {why}")
         for name in options.formats:
+            if name in linted.refused:
+                continue
             fmt = FORMATS[name]
             path = tmp / fmt.filename
             t0 = time.perf_counter()
             if name == "onnx":
-                save_onnx(program, example, path, options.opset, [INPUT_NAME],
-                          list(OUTPUT_NAMES), metadata)
+                try:
+                    save_onnx(program, example, path, options.opset, [INPUT_NAME],
+                              list(OUTPUT_NAMES), metadata)
+                except Exception as err:
+                    reason = explain_onnx(err) if explain_onnx is not None else None
+                    if reason is None:
+                        raise
+                    refused["onnx"] = reason
+                    log(f"refused onnx: {reason}")
+                    path.unlink(missing_ok=True)
+                    continue
                 facts = audit_onnx(path, {INPUT_NAME: shape},
                                    {o: out_shape for o in OUTPUT_NAMES}, options.opset,
                                    options.precision)
@@ -284,8 +309,10 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
             artifacts[name] = {"file": fmt.filename, **facts}
             log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
                 f"{facts['seconds']:.1f} s), audit passed")
+        if not candidates:
+            raise ExportLintError("; ".join(f"{k}: {v}" for k, v in refused.items()))
 
-        cases = parity_cases(golden, n_random=8, seed=0)
+        cases = parity_cases(golden, n_random=8, seed=0) | (extra_cases or {})
         if not dynamic:  # fixed-batch artifacts only take their own batch size
             cases = {k: _example_batch(v, options.batch) for k, v in cases.items()}
         if eager is None:
@@ -329,6 +356,7 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
             "precision": options.precision,
             **manifest_fields,
             "artifacts": artifacts,
+            "lint": {**linted.record(), "refused_formats": refused},
             "golden": {"file": "golden.npz", "input": INPUT_NAME,
                        "outputs": list(OUTPUT_NAMES)},
             "tolerances": tolerances,
@@ -375,7 +403,8 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
     example_np = _example_batch(golden, options.batch)
     example = (torch.from_numpy(example_np),)
     log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
-    linted = lint_module(frozen, example, dynamic, allowed)
+    linted = lint_module(frozen, example, dynamic, allowed, formats=options.formats,
+                         allow_trace_warnings=options.allow_trace_warnings)
 
     bundle_sha = sha256_file(bundle_path)
     metadata = {
