@@ -1,4 +1,8 @@
-"""ptycho-parity BUNDLE ARTIFACT_DIR DATA.npz: every artifact vs the eager model on a scan"""
+"""ptycho-parity BUNDLE ARTIFACT_DIR DATA.npz: every artifact vs the eager model on a scan
+
+For an export of an existing model (--model-class), give its checkpoint instead of a
+bundle: the eager model is rebuilt from the manifest (class, constructor arguments,
+adapter), the constants saved beside the artifacts and that checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ app = typer.Typer(add_completion=False, help=__doc__)
 
 @app.command()
 def parity_command(
-    bundle: Annotated[Path, typer.Argument(help="Bundle zip the artifacts were exported from.")],
+    bundle: Annotated[Path, typer.Argument(help="Bundle zip the artifacts were exported from "
+                                           "(or the checkpoint of a --model-class export).")],
     artifact_dir: Annotated[Path, typer.Argument(help="Folder written by ptycho-export "
                                                  "(manifest.json + model files).")],
     data: Annotated[Path, typer.Argument(help="Scan in the npz data contract.")],

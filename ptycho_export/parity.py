@@ -52,7 +52,12 @@ def eager_runner(module: nn.Module, input_names, output_names, *, dtype=torch.fl
                  device: str = "cpu") -> TorchRunner:
     import copy
 
-    clone = copy.deepcopy(module).to(device=device, dtype=dtype).eval()
+    # Widen or narrow by kind: Module.to(dtype) would turn a complex buffer (a probe) real.
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    clone = copy.deepcopy(module).to(device=device)
+    clone._apply(lambda t: t.to(dtype) if t.is_floating_point()  # noqa: SLF001
+                 else t.to(complex_dtype) if t.is_complex() else t)
+    clone.eval()
     label = f"eager {'fp64' if dtype == torch.float64 else 'fp32'} {device}"
     return TorchRunner(label, clone, tuple(input_names), tuple(output_names), device, dtype)
 

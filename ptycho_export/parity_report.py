@@ -134,7 +134,8 @@ def _plain(manifest_path: Path, name: Any) -> str:
 def verify_artifacts(artifact_dir: str | os.PathLike, bundle_path: str | os.PathLike,
                      bundle_config: dict[str, Any] | None = None) -> VerifiedArtifacts:
     """Manifest + sha256 of every model file, and proof that the export came from this
-    bundle (manifest source_bundle sha256 == the bundle file's sha256). ArtifactError
+    bundle (manifest source_bundle sha256 == the bundle file's sha256; for a --model-class
+    export the checkpoint's sha256 is checked when the model is rebuilt). ArtifactError
     (exit 3) otherwise, naming the file."""
     from runtime.manifest import (
         MANIFEST_NAME,
@@ -189,16 +190,19 @@ def verify_artifacts(artifact_dir: str | os.PathLike, bundle_path: str | os.Path
 
     source = manifest.get("source_bundle")
     recorded = source.get("sha256") if isinstance(source, dict) else None
-    if not isinstance(recorded, str):
+    if is_foreign(manifest):
+        pass  # rebuild_reference checks the checkpoint against source.checkpoint.sha256
+    elif not isinstance(recorded, str):
         raise ArtifactError(f"{manifest_path}: records no source_bundle sha256, so it cannot "
                             "be tied to a bundle; re-export it with ptycho-export")
     actual = sha256_file(bundle_path)
-    if recorded != actual:
+    if not is_foreign(manifest) and recorded != actual:
         origin = source.get("file", "another bundle")
         raise ArtifactError(f"{folder} was exported from {origin} (sha256 {recorded[:12]}...), "
                             f"not from {bundle_path} (sha256 {actual[:12]}...); pass the "
                             "bundle it came from, or re-export this one")
-    if bundle_config is not None and manifest.get("model") != bundle_config:
+    if not is_foreign(manifest) and bundle_config is not None and \
+            manifest.get("model") != bundle_config:
         raise ArtifactError(f"{manifest_path}: \"model\" {manifest.get('model')} differs from "
                             f"the bundle's config {bundle_config} (manifest edited?)")
     for key, path in found.items():
@@ -208,6 +212,53 @@ def verify_artifacts(artifact_dir: str | os.PathLike, bundle_path: str | os.Path
     return VerifiedArtifacts(folder=folder, manifest=manifest, files=found, sha256=digests,
                              not_compared=not_compared, tolerances=tolerances,
                              precision=precision, batch=batch)
+
+
+def is_foreign(manifest: dict[str, Any]) -> bool:
+    """Exported with --model-class (a checkpoint, not a bundle, is its source)."""
+    source = manifest.get("source")
+    return isinstance(source, dict) and source.get("kind") == "module"
+
+
+@dataclass
+class Reference:
+    """The eager model an export is compared with, and the geometry it needs."""
+
+    wrapper: Any
+    patch_size: int
+    gridsize: int
+    channels: int
+    origin: str  # what it was rebuilt from, for the log
+
+
+def load_reference(source_path: Path, artifact_dir: Path) -> tuple[Reference, VerifiedArtifacts]:
+    """The bundle's model, or for a --model-class export the module rebuilt from the
+    manifest and its checkpoint (`source_path`)."""
+    from runtime.manifest import MANIFEST_NAME, _read_manifest
+
+    manifest_path = Path(artifact_dir) / MANIFEST_NAME
+    manifest = _read_manifest(manifest_path) if manifest_path.is_file() else {}
+    if is_foreign(manifest):
+        from ptycho_export.export.foreign import rebuild_reference
+
+        artifacts = verify_artifacts(artifact_dir, source_path)
+        model = manifest.get("model") or {}
+        channels = int(model.get("channels") or 0)
+        gridsize = model.get("gridsize")
+        if not gridsize:
+            raise ArtifactError(f"{manifest_path}: {channels} input channels is not "
+                                "gridsize**2; ptycho-parity cannot group patterns for it")
+        wrapper = rebuild_reference(artifact_dir, manifest, source_path)
+        return Reference(wrapper, int(model["patch_size"]), int(gridsize), channels,
+                         f"{manifest['source'].get('class')} + {source_path.name}"), artifacts
+    from ptycho_export.bundle import build_net, read_bundle
+    from ptycho_export.export.wrapper import InferenceWrapper
+
+    bundle = read_bundle(source_path)
+    config = bundle.config
+    artifacts = verify_artifacts(artifact_dir, source_path, config.to_dict())
+    return Reference(InferenceWrapper(build_net(bundle)).eval(), config.patch_size,
+                     config.gridsize, config.channels, source_path.name), artifacts
 
 
 # ---------------------------------------------------------------- runners
@@ -593,8 +644,8 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     """
     import torch
 
-    from ptycho_export.bundle import build_net, read_bundle, sha256_file
-    from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES, InferenceWrapper
+    from ptycho_export.bundle import sha256_file
+    from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
     from ptycho_export.parity import eager_runner
     from ptycho_export.reconstruct import patch_per_position, stitch_with_probe
     from runtime.grouping import group_neighbours
@@ -608,11 +659,9 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     artifact_dir = Path(artifact_dir)
     outdir = Path(outdir) if outdir is not None else default_outdir(artifact_dir)
 
-    source = read_bundle(bundle_path)
-    config = source.config
-    artifacts = verify_artifacts(artifact_dir, bundle_path, config.to_dict())
+    config, artifacts = load_reference(bundle_path, artifact_dir)
     log(f"artifacts: {', '.join(p.name for p in artifacts.files.values())} in {artifact_dir} "
-        f"(sha256 verified; exported from {bundle_path.name})")
+        f"(sha256 verified; exported from {config.origin})")
     scan = load_scan(data_path)
     if scan.patch_size != config.patch_size:
         raise DataError(f"{data_path}: patterns are {scan.patch_size}x{scan.patch_size} but "
@@ -638,7 +687,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     ort_reason = off or (_ort_cuda_reason() if "onnx" in artifacts.files else None)
     variants = plan_variants(list(artifacts.files), cuda_reason, ort_reason)
 
-    wrapper = InferenceWrapper(build_net(source)).eval()
+    wrapper = config.wrapper
     runners_info: list[dict[str, Any]] = []
     rows: list[CheckRow] = []
 
@@ -778,12 +827,14 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
         "format_version": 1,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "status": FAIL if failed else PASS,
-        "bundle": {"file": str(bundle_path), "sha256": sha256_file(bundle_path)},
+        "bundle": {"file": str(bundle_path), "sha256": sha256_file(bundle_path),
+                   "kind": "checkpoint" if is_foreign(artifacts.manifest) else "bundle"},
         "artifact": {"folder": str(artifact_dir),
                      "files": {p.name: artifacts.sha256[p.name]
                                for p in artifacts.files.values()},
                      "formats": list(artifacts.files), "not_compared": artifacts.not_compared,
-                     "source_bundle_verified": True},
+                     "source_verified": True,
+                     "source_bundle_verified": not is_foreign(artifacts.manifest)},
         "scan": {"file": str(data_path), "patterns": scan.n_patterns, "groups": len(groups),
                  "patch_size": scan.patch_size, "gridsize": config.gridsize,
                  "batch_size": batch, "fixed_batch": fixed,

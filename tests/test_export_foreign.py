@@ -468,3 +468,141 @@ def test_usage_errors_are_one_line(tmp_path: Path) -> None:
         export_foreign_command("no_colon", tmp_path / "x", input_shape="16")
     with pytest.raises(UsageError, match="input shape"):
         _export(ComplexExp().eval(), tmp_path, InferenceAdapter((1, N, N + 1)))
+
+
+def test_untranslatable_complex_op_refuses_onnx_alone(tmp_path: Path) -> None:
+    result = _export(UntranslatableComplex().eval(), tmp_path, formats=("onnx", "torchscript"))
+    assert set(result.manifest["artifacts"]) == {"torchscript"}
+    why = result.manifest["lint"]["refused_formats"]["onnx"]
+    assert "no translation of aten._to_copy.default" in why
+    assert not (result.outdir / "model.onnx").exists()
+
+
+# ---------------------------------------------------------------- per-sample input scale
+@pytest.mark.parametrize(("rule", "numerator"), [("rms", N * N), ("rms-half", (N / 2) ** 2)])
+def test_per_sample_scale_matches_a_float64_reference(rule: str, numerator: float) -> None:
+    from ptycho_export.export.adapter import per_sample_scale
+
+    x = synthetic_inputs((4, N, N), count=3, input_max=7.0)
+    x[2] = 0.0  # an all-zero sample (beam off) gets 1, as upstream's fallback
+    got = per_sample_scale(torch.from_numpy(x), rule, N).numpy()
+    power = np.square(x.astype(np.float64)).sum(axis=(-2, -1)).mean(axis=1)
+    want = np.where(power > 0, np.sqrt(numerator / np.where(power > 0, power, 1.0)), 1.0)
+    assert got.shape == (3, 1, 1, 1) and got.dtype == np.float32
+    np.testing.assert_allclose(got.ravel(), want, rtol=1e-6)
+
+
+def test_input_scale_inside_the_graph_takes_any_level(tmp_path: Path) -> None:
+    constants = {k: v for k, v in _pinn_constants(4).items() if k != "input_scale_factor"}
+    adapter = InferenceAdapter(input_shape=(4, N, N), method="forward_predict",
+                               constants=constants, output="complex",
+                               input_scale={"input_scale_factor": "rms"})
+    golden = synthetic_inputs((4, N, N), count=6, input_max=3.0, seed=2)
+    result = export_foreign(PinnStyle(channels=4).eval(), adapter, tmp_path / "out",
+                            ExportOptions(formats=["onnx", "torchscript"]), golden=golden)
+    cases = {r.case for r in result.rows if r.gated}
+    assert {"golden x0.001", "golden x1000"} <= cases
+    assert _worst(result) <= AMP_TOL
+    record = result.manifest["adapter"]["input_scale"]["input_scale_factor"]
+    assert record["rule"] == "rms" and record["per_sample"].startswith("sqrt(N^2 /")
+    assert "any level" in result.manifest["inputs"][0]["meaning"]
+    # the artifact itself is level-invariant: raw counts or normalised, the same object
+    session = ort.InferenceSession(str(result.outdir / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    base = session.run(None, {"diffraction": golden})
+    spread = np.ptp(base[0])
+    assert spread > 1e-3  # the model responds to its input (not a constant output)
+    for level in (1e-3, 1e3):
+        scaled = session.run(None, {"diffraction": golden * np.float32(level)})
+        np.testing.assert_allclose(scaled[0], base[0], atol=1e-5 * float(base[0].max()))
+    # without the rule the same model is not level-invariant (the test can fail)
+    fixed = InferenceAdapter(input_shape=(4, N, N), method="forward_predict",
+                             constants=_pinn_constants(4), output="complex")
+    model = PinnStyle(channels=4).eval()
+    from ptycho_export.export.adapter import AdaptedModule
+
+    wrapper = AdaptedModule(model, fixed)
+    with torch.no_grad():
+        low = wrapper(torch.from_numpy(golden))[0]
+        high = wrapper(torch.from_numpy(golden * 1e3))[0]
+    assert float((low - high).abs().max()) > 1e-2
+
+
+def test_input_scale_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="choose a rule from rms, rms-half"):
+        InferenceAdapter((1, N, N), input_scale={"s": "max"}).validate()
+    with pytest.raises(UsageError, match="both a constant and computed from the input"):
+        InferenceAdapter((1, N, N), constants={"s": 1.0}, input_scale={"s": "rms"}).validate()
+    with pytest.raises(UsageError, match="give argument=rule"):
+        export_foreign_command("tests.test_export_foreign:PinnStyle", tmp_path / "x",
+                               input_shape="16", input_scale=["input_scale_factor"])
+
+
+def test_missing_dependency_of_the_model_module_is_named(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "needs_missing.py").write_text(
+        "import torch\nimport package_nobody_installed.sub\n"
+        "class Model(torch.nn.Module):\n    pass\n")
+    (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('config not found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UsageError) as caught:
+        export_foreign_command("needs_missing:Model", tmp_path / "x", input_shape="16")
+    message = str(caught.value)
+    assert "needs the package 'package_nobody_installed'" in message
+    assert "pip install package_nobody_installed" in message and "\n" not in message
+    with pytest.raises(UsageError, match="no module named 'not_a_module_at_all'"):
+        export_foreign_command("not_a_module_at_all:Model", tmp_path / "x", input_shape="16")
+    with pytest.raises(UsageError) as caught:
+        export_foreign_command("raises_on_import:Model", tmp_path / "x", input_shape="16")
+    assert "importing it raised RuntimeError" in str(caught.value)
+    assert "raises_on_import.py:1" in str(caught.value)
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- run what was exported
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+def test_foreign_export_is_run_and_parity_checked_on_a_scan(tmp_path: Path) -> None:
+    from ptycho_export.data.simulate import SimulationConfig, simulate_scan
+    from ptycho_export.parity_report import run_parity_check
+    from runtime.run import run_scan
+    from runtime.scan import save_scan
+
+    model = PinnStyle(channels=4, n_filters=4)
+    ckpt = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), ckpt)
+    scan_path = tmp_path / "scan.npz"
+    save_scan(scan_path, simulate_scan(SimulationConfig(
+        patch_size=N, grid_shape=(5, 5), step_px=3, probe_diameter_px=8, defocus=2)))
+    with np.load(scan_path) as data:
+        golden = np.stack([data["diffraction"][i:i + 4] for i in range(4)]).astype(np.float32)
+    constants = {k: v for k, v in _pinn_constants(4).items() if k != "input_scale_factor"}
+    np.savez(tmp_path / "constants.npz",
+             **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in constants.items()})
+    np.savez(tmp_path / "golden.npz", diffraction=golden)
+    out = tmp_path / "art"
+    result = export_foreign_command(
+        f"{__name__}:PinnStyle", out, checkpoint=ckpt, method="forward_predict",
+        init_args='{"channels": 4, "n_filters": 4}', input_shape="4,16,16",
+        constants=tmp_path / "constants.npz", input_scale=["input_scale_factor=rms"],
+        golden_inputs=tmp_path / "golden.npz", formats="all")
+    assert set(result.manifest["artifacts"]) == {"onnx", "torchscript", "pt2"}
+    assert result.manifest["source"]["init_args"] == {"channels": 4, "n_filters": 4}
+    assert (out / "constants.npz").is_file() and "constants.npz" in result.manifest["files"]
+
+    # ptycho-run stitches it (gridsize 2: groups of 4 neighbours) ...
+    run_scan(out, scan_path, tmp_path / "run")
+    with np.load(tmp_path / "run" / "object.npz") as obj:
+        stitched, mask = obj["object"], obj["mask"]
+    assert np.isfinite(stitched).all() and mask.sum() > 100
+    assert np.ptp(np.abs(stitched[mask])) > 1e-3  # the model's response, not a constant
+
+    # ... and ptycho-parity rebuilds the eager model from manifest + checkpoint
+    report = run_parity_check(ckpt, out, scan_path, tmp_path / "parity", cuda=False)
+    assert report["status"] == "PASS" and report["bundle"]["kind"] == "checkpoint"
+    gated = [r for r in report["rows"] if r["gated"] and r["status"] == "PASS"]
+    assert {r["runner"] for r in gated} >= {"onnxruntime cpu", "torchscript cpu", "pt2 cpu"}
+    other = tmp_path / "other.pt"
+    torch.save(PinnStyle(channels=4, n_filters=4).state_dict() | {
+        "generator.encoder.0.bias": torch.zeros(4)}, other)
+    with pytest.raises(CheckpointError, match="not from .*other.pt"):
+        run_parity_check(other, out, scan_path, tmp_path / "parity2", cuda=False)

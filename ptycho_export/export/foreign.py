@@ -67,6 +67,7 @@ SYNTHETIC_COUNT = 4
 _NEVER_ALLOW = ("builtins", "os", "posix", "nt", "subprocess", "sys", "shutil", "pathlib",
                 "importlib", "runpy", "pickle", "codecs", "functools", "operator", "eval")
 SYNTHETIC_PEAK_COUNTS = 1000.0
+CONSTANTS_FILE = "constants.npz"  # the adapter's tensor constants, beside the artifacts
 SCALE_CASES = (1e-3, 1e3)  # gated inputs at other levels when the graph scales its input
 
 
@@ -174,7 +175,12 @@ def load_model(model_class: str | type, checkpoint: str | os.PathLike | None = N
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise UsageError(f"{model_class}: not a torch.nn.Module class")
     class_name = f"{cls.__module__}.{cls.__qualname__}"
-    source: dict[str, Any] = {"kind": "module", "class": class_name, "checkpoint": None}
+    spec = model_class if isinstance(model_class, str) else \
+        f"{cls.__module__}:{cls.__qualname__}"
+    source: dict[str, Any] = {"kind": "module", "class": class_name, "spec": spec,
+                              "checkpoint": None, "init_args": _json_or_none(init_args)}
+    if init_args and source["init_args"] is None:
+        source["init_args_not_plain"] = True
     state_dict, hparams = None, {}
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -204,6 +210,17 @@ def load_model(model_class: str | type, checkpoint: str | os.PathLike | None = N
                                   + "; ".join(parts))
         source["hyper_parameters"] = sorted(hparams)
     return model, source
+
+
+def _json_or_none(value: Any) -> Any:
+    """`value` when it survives JSON unchanged (the manifest can rebuild the model), else
+    None (the manifest then says the constructor arguments were not plain data)."""
+    if value is None:
+        return None
+    try:
+        return value if json.loads(json.dumps(value)) == value else None
+    except (TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- inputs
@@ -416,7 +433,76 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
                          manifest_fields=manifest_fields, exact=exact,
                          eager=_eager_fp32_runner(wrapper), program=program,
                          output_sample_shape=tuple(sample_out), log=log, started=started,
-                         explain_onnx=explain_onnx, extra_cases=extra_cases)
+                         explain_onnx=explain_onnx, extra_cases=extra_cases,
+                         extra_files={CONSTANTS_FILE: _constants_npz(wrapper)})
+
+
+def _constants_npz(wrapper: AdaptedModule) -> bytes:
+    """The tensor constants as the artifacts use them (after casts), for ptycho-parity to
+    rebuild the eager reference; npz without pickle."""
+    import io
+
+    arrays = {name: getattr(wrapper, buffer).numpy()
+              for name, buffer in wrapper.buffer_names.items()}
+    blob = io.BytesIO()
+    np.savez(blob, **arrays)
+    return blob.getvalue()
+
+
+def rebuild_reference(artifact_dir: str | os.PathLike, manifest: dict[str, Any],
+                      checkpoint: str | os.PathLike) -> AdaptedModule:
+    """The eager fp32 module a --model-class export was made from, rebuilt from its
+    manifest (class, constructor arguments, adapter), its constants.npz and `checkpoint`,
+    whose sha256 must be the one recorded. Errors are one line naming what is missing."""
+    folder = Path(artifact_dir)
+    source = manifest.get("source") or {}
+    recorded = (source.get("checkpoint") or {}).get("sha256")
+    path = Path(checkpoint)
+    if not recorded:
+        raise CheckpointError(f"{folder}: was exported without a checkpoint (random weights), "
+                              "so its eager model cannot be rebuilt; export it with "
+                              "--checkpoint to compare it with ptycho-parity")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    actual = sha256_file(path)
+    if actual != recorded:
+        origin = (source.get("checkpoint") or {}).get("file", "another checkpoint")
+        raise CheckpointError(f"{folder} was exported from {origin} (sha256 {recorded[:12]}...),"
+                              f" not from {path} (sha256 {actual[:12]}...); pass the "
+                              "checkpoint it came from")
+    adapter_record = manifest.get("adapter") or {}
+    output = adapter_record.get("output")
+    if not isinstance(output, str) or output not in ("complex", "amp_phase", "re_im"):
+        raise CheckpointError(f"{folder}: the adapter maps outputs with {output!r}, which the "
+                              "manifest cannot rebuild; compare with the Python API instead")
+    if "spec" not in source:
+        raise CheckpointError(f"{folder}: its manifest predates rebuildable exports; "
+                              "re-export it with ptycho-export")
+    if source.get("init_args_not_plain"):
+        raise CheckpointError(f"{folder}: its constructor arguments were not plain data, so "
+                              "the manifest cannot rebuild the model")
+    model, _ = load_model(source["spec"], path, init_args=source.get("init_args"))
+    constants: dict[str, Any] = {}
+    for name, facts in (adapter_record.get("constants") or {}).items():
+        if "python" in facts:
+            constants[name] = ast.literal_eval(facts["python"])
+    constants_path = folder / CONSTANTS_FILE
+    if constants_path.is_file():
+        with np.load(constants_path, allow_pickle=False) as data:
+            constants.update({k: np.asarray(data[k]) for k in data.files})
+    missing = sorted(set(adapter_record.get("constants") or {}) - set(constants))
+    if missing:
+        raise CheckpointError(f"{constants_path}: lacks constant(s) {', '.join(missing)}")
+    adapter = InferenceAdapter(
+        input_shape=tuple(adapter_record["input_shape"]),  # type: ignore[arg-type]
+        method=adapter_record.get("method", "forward"),
+        input_name=adapter_record.get("input_name"), constants=constants, output=output,
+        output_index=adapter_record.get("output_index"),
+        cast_float64=bool(adapter_record.get("cast_float64")),
+        input_scale={k: v["rule"] for k, v in (adapter_record.get("input_scale") or {}).items()})
+    adapter.validate()
+    prepared, _ = prepare_model(model, adapter)
+    return AdaptedModule(prepared, adapter).eval()
 
 
 # ---------------------------------------------------------------- CLI-facing
