@@ -58,6 +58,7 @@ from ptycho_export.export.pipeline import (
     batch_dim,
     export_module,
 )
+from ptycho_export.export.upstream_bundle import is_upstream_bundle, read_upstream_bundle
 from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
 from ptycho_export.parity import TorchRunner
 from runtime.errors import PtychoError
@@ -120,19 +121,24 @@ def _safe_objects(safe_globals: Iterable[Any]) -> list[Any]:
     return [import_object(g) if isinstance(g, str) else g for g in safe_globals]
 
 
-def load_checkpoint(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> Any:
-    """torch.load(weights_only=True) (or safetensors); refusals are one line naming the file."""
+def load_checkpoint(path: str | os.PathLike, safe_globals: Iterable[Any] = (), *,
+                    data: bytes | None = None) -> Any:
+    """torch.load(weights_only=True) (or safetensors); refusals are one line naming the file.
+    `data`: the file's bytes when it is a member of an archive (`path` then names it)."""
+    import io
+
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load, load_file
 
-        return load_file(str(path), device="cpu")
+        return load(data) if data is not None else load_file(str(path), device="cpu")
     allowed = _safe_objects(safe_globals)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data) if data is not None else str(path),
+                              map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         name = found.group(1) if found else ""
@@ -182,7 +188,18 @@ def load_model(model_class: str | type, checkpoint: str | os.PathLike | None = N
     if init_args and source["init_args"] is None:
         source["init_args_not_plain"] = True
     state_dict, hparams = None, {}
-    if checkpoint is not None:
+    if checkpoint is not None and is_upstream_bundle(checkpoint):
+        path = Path(checkpoint)
+        bundle = read_upstream_bundle(path, lambda name, blob: load_checkpoint(
+            f"{path}:{name}", safe_globals, data=blob))
+        state_dict, hparams = _state_dict_of(bundle.weights, path)
+        source["checkpoint"] = {"file": path.name, "sha256": sha256_file(path),
+                                "loader": f"upstream bundle: {bundle.member}/model.pth with "
+                                          "torch.load(weights_only=True)",
+                                "member": bundle.member, "members": bundle.models}
+        source["bundle_config"] = bundle.config
+        source["notes"] = [bundle.note()]
+    elif checkpoint is not None:
         path = Path(checkpoint)
         state_dict, hparams = _state_dict_of(load_checkpoint(path, safe_globals), path)
         source["checkpoint"] = {"file": path.name, "sha256": sha256_file(path),
@@ -343,6 +360,7 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
         golden = np.ascontiguousarray(golden, dtype=np.float32)
         golden_kind = f"given: {len(golden)} patterns"
 
+    notes += list((source or {}).get("notes") or [])
     model, model_notes = prepare_model(module, adapter)
     notes += model_notes
     wrapper = AdaptedModule(model, adapter).eval()
@@ -531,6 +549,15 @@ def _parse_constant(text: str) -> tuple[str, Any]:
     return name.strip(), parsed
 
 
+def _bundle_shape(source: dict[str, Any]) -> tuple[int, int, int] | None:
+    """(gridsize**2, N, N) from an upstream bundle's config, when it records both."""
+    config = source.get("bundle_config") or {}
+    n, gridsize = config.get("N"), config.get("gridsize")
+    if isinstance(n, int) and isinstance(gridsize, int) and n > 0 and gridsize > 0:
+        return (gridsize * gridsize, n, n)
+    return None
+
+
 def _parse_input_scale(text: str) -> tuple[str, str]:
     name, sep, rule = text.partition("=")
     if not sep or not name.strip() or not rule.strip():
@@ -617,6 +644,8 @@ def export_foreign_command(
         shape = tuple(base.input_shape)
     elif golden is not None:
         shape = tuple(golden.shape[1:])
+    elif _bundle_shape(source) is not None:
+        shape = _bundle_shape(source)
     else:
         raise UsageError("--input-shape C,N,N is required (or --golden-inputs to take it "
                          "from data)")
