@@ -606,3 +606,43 @@ def test_foreign_export_is_run_and_parity_checked_on_a_scan(tmp_path: Path) -> N
         "generator.encoder.0.bias": torch.zeros(4)}, other)
     with pytest.raises(CheckpointError, match="not from .*other.pt"):
         run_parity_check(other, out, scan_path, tmp_path / "parity2", cuda=False)
+
+
+class UpstreamPatterns(PinnStyle):
+    """Every pattern of upstream's predict path at once: a size check on two branches, a
+    mask made on the input's device, exp(1j * phase), a per-sample input scale argument."""
+
+    def forward_predict(self, x: torch.Tensor, positions: torch.Tensor, probe: torch.Tensor,
+                        input_scale_factor: torch.Tensor) -> torch.Tensor:
+        amp, phi = self.generator(x * input_scale_factor)
+        if amp.shape[-2:] != phi.shape[-2:]:  # <- here
+            raise ValueError("branch shapes differ")
+        border = torch.ones(amp.shape[-2:], dtype=amp.dtype, device=amp.device)
+        border[2:-2, 2:-2] = 0
+        amp = amp * (1 - 0.5 * border)
+        return amp.to(torch.complex64) * torch.exp(1j * phi.to(torch.complex64))
+
+
+def test_all_upstream_patterns_export_every_format_with_parity(tmp_path: Path) -> None:
+    constants = {k: v for k, v in _pinn_constants(4).items() if k != "input_scale_factor"}
+    adapter = InferenceAdapter(input_shape=(4, N, N), method="forward_predict",
+                               constants=constants, output="complex",
+                               input_scale={"input_scale_factor": "rms-half"})
+    golden = synthetic_inputs((4, N, N), count=6, input_max=40.0, seed=3)
+    result = export_foreign(UpstreamPatterns(channels=4).eval(), adapter, tmp_path / "out",
+                            ExportOptions(formats=["onnx", "torchscript", "pt2"]),
+                            golden=golden)
+    assert set(result.manifest["artifacts"]) == {"onnx", "torchscript", "pt2"}
+    assert _worst(result) <= AMP_TOL and _worst(result, "phase") <= 1e-4
+    lint = result.manifest["lint"]
+    assert lint["refused_formats"] == {}
+    (warning,) = lint["trace_warnings_accepted"]
+    assert warning["where"] == (f"{__file__}:"
+                                f"{_marked_line(UpstreamPatterns, 'forward_predict')}")
+    (device,) = lint["devices_made_input_relative"]
+    assert "follows the input" in device
+    assert any("aten.exp.default" in r for r in result.manifest["complex_rewrites"])
+    from ptycho_export.export.lint import baked_devices
+
+    traced = torch.jit.load(str(tmp_path / "out" / "model.ts"))
+    assert baked_devices(traced) == []

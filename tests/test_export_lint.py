@@ -275,3 +275,22 @@ def test_clean_module_passes_and_returns_both_programs() -> None:
         for got in (result.exported.module()(batch), result.traced(batch)):
             for e, g in zip(expected, got, strict=True):
                 torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_device_rewritten_trace_runs_on_cuda(tmp_path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    module = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), OnesOnInputDevice()).eval()
+    raw = torch.jit.trace(module, (_example(),), check_trace=False)
+    torch.jit.save(raw, str(tmp_path / "raw.ts"))
+    result = _lint(module)
+    torch.jit.save(result.traced, str(tmp_path / "fixed.ts"))
+    batch = torch.rand(3, 1, 16, 16)
+    with torch.inference_mode():
+        want = module(batch)
+        with pytest.raises(RuntimeError):  # the baked cpu constant meets a cuda tensor
+            torch.jit.load(str(tmp_path / "raw.ts"), map_location="cuda")(batch.cuda())
+        got = torch.jit.load(str(tmp_path / "fixed.ts"), map_location="cuda")(batch.cuda())
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
