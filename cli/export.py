@@ -107,6 +107,9 @@ def export_command(
                            ] = "ptycho",
     triton_instance: Annotated[str, typer.Option(help="Triton instance kind: gpu or cpu.")
                                ] = "gpu",
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace -o even when it is a folder ptycho-export did not write "
+        "(default: refused, so no one's files are deleted).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
 ) -> None:
     """Freeze the bundle's model (eval, float32), audit the files, and gate on parity
@@ -140,7 +143,7 @@ def export_command(
                 formats=format, batch=batch, opset=opset, precision=precision,
                 with_physics=with_physics, amplitude_tol=amplitude_tol, phase_tol=phase_tol,
                 allow_trace_warning=allow_trace_warning or (),
-                input_scale=input_scale or (),
+                input_scale=input_scale or (), force=force,
                 command=shlex.join(["ptycho-export", *sys.argv[1:]]), log=typer.echo)
             _report(result)
             return
@@ -150,18 +153,21 @@ def export_command(
                                 precision=precision, with_physics=with_physics,
                                 fft_impl=fft_impl, tolerances=tolerances,
                                 command=shlex.join(["ptycho-export", *sys.argv[1:]]),
-                                allow_trace_warnings=list(allow_trace_warning or ()))
+                                allow_trace_warnings=list(allow_trace_warning or ()),
+                                force=force)
         outdir = output or Path("artifacts") / (("triton_" if triton else "") + bundle.stem)
         if triton:
             import tempfile
 
-            from ptycho_export.export.triton import write_triton_repository
+            from ptycho_export.export.triton import check_model_folder, write_triton_repository
+
+            check_model_folder(outdir, triton_name, force)
 
             with tempfile.TemporaryDirectory(dir=outdir.parent if outdir.parent.exists()
                                              else None) as tmp:
                 result = export_bundle(bundle, Path(tmp) / "export", options, log=typer.echo)
                 model_dir = write_triton_repository(result.outdir, outdir, triton_name,
-                                                    instance_kind=triton_instance)
+                                                    force=force, instance_kind=triton_instance)
             typer.echo(f"Triton repository: {model_dir}/config.pbtxt and {model_dir}/1/; "
                        f"serve with: tritonserver --model-repository={outdir}")
             return
@@ -184,8 +190,10 @@ def _report(result) -> None:  # noqa: ANN001 - an ExportResult
     for name, why in result.manifest.get("lint", {}).get("refused_formats", {}).items():
         typer.echo(f"warning: {name} not written: {why}")
     if "onnx" in result.manifest["artifacts"]:
-        typer.echo(f"next: ptycho-run {result.outdir} your_scan.npz -o "
-                   f"{result.outdir}/run --provider auto")
+        # a sibling: a folder inside the export would be wiped by the next re-export
+        run_dir = result.outdir.with_name(f"{result.outdir.name}_run")
+        typer.echo(f"next: ptycho-run {result.outdir} your_scan.npz -o {run_dir} "
+                   "--provider auto")
 
 def main() -> None:
     app()

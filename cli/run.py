@@ -119,6 +119,9 @@ def run_command(
         help="Also write a ptychodus product (.h5 or .npz): object with its pixel geometry "
         "and centre, probe, positions, metadata. Needs the pixel size (and energy/distance "
         "unless the input is a ptychodus folder).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace -o even when it is a folder ptycho-run did not write "
+        "(default: refused, so no one's files are deleted).")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks and "
                                           "onnxruntime warnings.")] = False,
@@ -143,7 +146,7 @@ def run_command(
             raise RunUsageError("--ptychodus-product names one file: use it with one scan")
         options = {"provider": provider, "batch_size": batch_size, "threads": threads,
                    "self_check": self_check, "subpixel": subpixel, "device_id": device_id,
-                   "inputs": _inputs(), "model_format": fmt}
+                   "inputs": _inputs(), "model_format": fmt, "force": force}
         outcomes = run_many(artifact, files, output or Path("."), options, scheduler,
                             retries, log=typer.echo)
         table = Table(title=f"{len(outcomes)} scans"
@@ -184,7 +187,8 @@ def run_command(
         report = run_scan(artifact, single, outdir, provider=provider, batch_size=batch_size,
                           threads=threads, self_check=self_check, progress=progress,
                           log_level=2 if verbose else 3, subpixel=subpixel,
-                          device_id=device_id, inputs=_inputs(), model_format=fmt)
+                          device_id=device_id, inputs=_inputs(), model_format=fmt,
+                          force=force)
         info = report["provider"]
         counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
         runtime_name = "" if info.get("runtime", "onnxruntime") == "onnxruntime" else \

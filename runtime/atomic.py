@@ -22,7 +22,42 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["replace_dir", "temp_dir_beside", "write_atomic", "written_atomic"]
+from runtime.errors import EXIT_USAGE, PtychoError
+
+
+class OutputNotOurs(PtychoError):
+    """-o names a folder this tool did not write: replacing it would delete the user's
+    files, so it is refused unless --force."""
+
+    exit_code = EXIT_USAGE
+
+
+def ensure_replaceable(outdir: str | os.PathLike[str], is_ours: Any, what: str,
+                       force: bool = False) -> None:
+    """Refuse (before any work) an existing `outdir` that `is_ours(folder) -> bool` does
+    not recognise as written by `what`: an empty folder or ours is fine, a file or anyone
+    else's folder is not, unless `force`."""
+    outdir = Path(outdir)
+    if not outdir.exists() and not outdir.is_symlink():
+        return
+    if not outdir.is_dir():
+        raise OutputNotOurs(f"{outdir}: exists and is not a folder; choose another -o")
+    if force or not any(outdir.iterdir()) or is_ours(outdir):
+        return
+    shown = sorted(p.name for p in outdir.iterdir())
+    listing = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+    raise OutputNotOurs(f"{outdir}: exists and was not written by {what} (it holds "
+                        f"{listing}); it would be replaced, so nothing was done -- choose "
+                        "another -o, or pass --force to replace it")
+
+
+def failed_beside(outdir: str | os.PathLike[str]) -> Path:
+    """Where a failed command puts its report, so the previous output stays intact."""
+    outdir = Path(outdir)
+    return outdir.with_name(f"{outdir.name}.failed")
+
+__all__ = ["OutputNotOurs", "ensure_replaceable", "failed_beside", "replace_dir",
+           "temp_dir_beside", "write_atomic", "written_atomic"]
 
 
 def _temp_name(target: Path) -> Path:

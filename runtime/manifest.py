@@ -271,3 +271,14 @@ def load_artifact(path: str | os.PathLike[str], check_golden: bool = False,
         golden_outputs=tuple(golden.get("outputs", output_names)) if isinstance(golden, dict)
         else output_names,
         precision=precision, manifest=manifest, model_format=model_format)
+
+
+def is_export_folder(folder: Path) -> bool:
+    """Written by ptycho-export: its manifest says so, or it is a failure report of ours."""
+    folder = Path(folder)
+    if (folder / "parity_failure.json").is_file():
+        return True
+    try:
+        return json.loads((folder / MANIFEST_NAME).read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False

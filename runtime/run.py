@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.atomic import replace_dir, temp_dir_beside
+from runtime.atomic import ensure_replaceable, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
 from runtime.grouping import group_neighbours
@@ -93,6 +93,7 @@ GPU_HEADROOM_BYTES = 2 << 30
 ACTIVATION_MAPS = 8
 DEFAULT_WIDTHS = (64, 128, 256)
 OUTPUT_FILES = ("object.npz", "amplitude.png", "phase.png", "report.json")
+RUN_PRODUCER = "ptycho-run"  # report.json's "producer": marks a folder -o may replace
 
 
 class RunUsageError(PtychoError):
@@ -479,8 +480,23 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_outdir(outdir: Path, spec: ArtifactSpec, data_path: Path) -> None:
-    """Replacing the output folder must never delete the run's own inputs."""
+def is_run_folder(folder: Path) -> bool:
+    """Written by ptycho-run: its report says so (older reports: report.json beside
+    object.npz)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(report, dict):
+        return False
+    return report.get("producer") == RUN_PRODUCER or (
+        "self_check" in report and (folder / "object.npz").is_file())
+
+
+def check_outdir(outdir: Path, spec: ArtifactSpec, data_path: Path, force: bool = False
+                 ) -> None:
+    """Replacing the output folder must never delete the run's own inputs, nor a folder
+    this tool did not write (unless `force`)."""
     target = outdir.resolve()
     for what, path in (("artifact", spec.folder), ("data file", data_path)):
         if _inside(path.resolve(), target):
@@ -488,6 +504,7 @@ def check_outdir(outdir: Path, spec: ArtifactSpec, data_path: Path) -> None:
                                 "replaced; choose another output folder")
     if outdir.exists() and not outdir.is_dir():
         raise RunUsageError(f"-o {outdir}: exists and is not a folder")
+    ensure_replaceable(outdir, is_run_folder, "ptycho-run", force)
 
 
 def _progress(enabled: bool) -> Any:
@@ -565,7 +582,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
              session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None,
              inputs: InputOptions | None = None,
              model_format: str | None = None,
-             overlap_stitch: bool | None = None) -> dict[str, Any]:
+             overlap_stitch: bool | None = None, force: bool = False) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
@@ -596,7 +613,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     check_product_options(inputs, loaded)
     batch = resolve_batch(spec, batch_size)
     method, method_why = _resolve_subpixel(subpixel, scan.positions_px)
-    check_outdir(outdir, spec, data_path)
+    check_outdir(outdir, spec, data_path, force)
     groups = group_neighbours(scan.positions_px, spec.gridsize)
     total = len(groups)
     # Channel 0 of each group is the pattern that anchors it: one patch per position.
@@ -670,6 +687,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     warnings.extend(quality.get("warnings", []))
 
     report: dict[str, Any] = {
+        "producer": RUN_PRODUCER,
         "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "artifact": _artifact_facts(spec),
         "data": {"file": str(data_path), "name": data_path.name,

@@ -23,6 +23,7 @@ import ptycho_export.export.pipeline as pipeline  # noqa: E402
 from ptycho_export.bundle import load_predictor  # noqa: E402
 from ptycho_export.export import ExportOptions, export_bundle  # noqa: E402
 from ptycho_export.export.formats import UsageError, parse_formats  # noqa: E402
+from runtime.atomic import OutputNotOurs  # noqa: E402
 from runtime.errors import EXIT_PARITY, EXIT_USAGE, ArtifactError, ParityError  # noqa: E402
 
 N = 32
@@ -255,21 +256,46 @@ def _leftovers(parent: Path, name: str) -> list[Path]:
     return sorted(parent.glob(f".{name}.*"))
 
 
-def test_existing_outdir_is_replaced_wholly(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_existing_export_is_replaced_wholly(tiny_bundle: Path, tmp_path: Path) -> None:
     outdir = tmp_path / "out"
-    outdir.mkdir()
-    (outdir / "stale.txt").write_text("old export")
+    export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx", "torchscript"]))
+    (outdir / "stale.txt").write_text("left in an export folder")
     export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
-    assert not (outdir / "stale.txt").exists()
+    assert not (outdir / "stale.txt").exists() and not (outdir / "model.ts").exists()
     assert (outdir / "manifest.json").is_file() and (outdir / "model.onnx").is_file()
     assert _leftovers(tmp_path, "out") == []
+
+
+def test_a_folder_we_did_not_write_is_refused_before_any_work(
+        tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outdir = tmp_path / "mine"
+    outdir.mkdir()
+    (outdir / "notes.txt").write_text("my notes")
+    monkeypatch.setattr(pipeline, "lint_module", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(OutputNotOurs) as caught:
+        export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
+    assert caught.value.exit_code == EXIT_USAGE
+    assert str(caught.value).startswith(f"{outdir}: exists and was not written by "
+                                        "ptycho-export (it holds notes.txt)")
+    assert "--force" in str(caught.value)
+    assert (outdir / "notes.txt").read_text() == "my notes"
+    # a file, too
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputNotOurs, match="exists and is not a folder"):
+        export_bundle(tiny_bundle, tmp_path / "afile", ExportOptions(formats=["onnx"]))
+    monkeypatch.undo()
+    # an empty folder is fine, and --force replaces anyone's
+    (tmp_path / "empty").mkdir()
+    export_bundle(tiny_bundle, tmp_path / "empty", ExportOptions(formats=["onnx"]))
+    export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"], force=True))
+    assert not (outdir / "notes.txt").exists() and (outdir / "model.onnx").is_file()
 
 
 def test_failed_export_leaves_old_outdir_intact(tiny_bundle: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     outdir = tmp_path / "out"
-    outdir.mkdir()
-    (outdir / "stale.txt").write_text("old export")
+    export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
 
     def broken_audit(*args: object, **kwargs: object) -> dict:
         raise ArtifactError("planted audit failure")
@@ -277,8 +303,7 @@ def test_failed_export_leaves_old_outdir_intact(tiny_bundle: Path, tmp_path: Pat
     monkeypatch.setattr(pipeline, "audit_onnx", broken_audit)
     with pytest.raises(ArtifactError, match="planted audit failure"):
         export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
-    assert sorted(p.name for p in outdir.iterdir()) == ["stale.txt"]
-    assert (outdir / "stale.txt").read_text() == "old export"
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
     assert _leftovers(tmp_path, "out") == []
 
 
@@ -303,10 +328,10 @@ def test_parity_gate_refuses_a_perturbed_onnx(tiny_bundle: Path, tmp_path: Path,
                 break
         onnx.save(model, str(path))
 
-    monkeypatch.setattr(pipeline, "save_onnx", save_then_perturb)
     outdir = tmp_path / "out"
-    outdir.mkdir()
-    (outdir / "model.onnx").write_bytes(b"a stale artifact that must not survive")
+    export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx", "torchscript"]))
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    monkeypatch.setattr(pipeline, "save_onnx", save_then_perturb)
     with pytest.raises(ParityError) as caught:
         export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
     assert len(perturbed) == 1
@@ -314,13 +339,27 @@ def test_parity_gate_refuses_a_perturbed_onnx(tiny_bundle: Path, tmp_path: Path,
     assert "onnxruntime" in message
     assert "amplitude" in message or "phase" in message
     assert caught.value.exit_code == EXIT_PARITY == 5
-    assert sorted(p.name for p in outdir.iterdir()) == ["parity_failure.json",
+    failed = tmp_path / "out.failed"
+    assert f"the previous export in {outdir} is intact" in message
+    assert f"report in {failed / 'parity_failure.md'}" in message
+    # the last working deployment survives whole; the report sits beside it
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
+    assert sorted(p.name for p in failed.iterdir()) == ["parity_failure.json",
                                                         "parity_failure.md"]
-    report = json.loads((outdir / "parity_failure.json").read_text())
+    report = json.loads((failed / "parity_failure.json").read_text())
     assert report["status"] == "FAIL" and report["failures"]
     assert all("onnxruntime" in f for f in report["failures"])
-    assert "FAILED" in (outdir / "parity_failure.md").read_text()
+    assert "FAILED" in (failed / "parity_failure.md").read_text()
     assert _leftovers(tmp_path, "out") == []
+    # a later good export supersedes the stale failure report
+    monkeypatch.undo()
+    export_bundle(tiny_bundle, outdir, ExportOptions(formats=["onnx"]))
+    assert not failed.exists()
+    # with no previous output, nothing is written to it
+    monkeypatch.setattr(pipeline, "save_onnx", save_then_perturb)
+    with pytest.raises(ParityError, match=f"nothing was written to {tmp_path / 'new'}"):
+        export_bundle(tiny_bundle, tmp_path / "new", ExportOptions(formats=["onnx"]))
+    assert not (tmp_path / "new").exists() and (tmp_path / "new.failed").is_dir()
 
 
 # ---------------------------------------------------------------- usage errors

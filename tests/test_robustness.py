@@ -40,6 +40,7 @@ from cli.simulate import app as simulate_app
 from runtime.errors import (
     EXIT_BAD_INPUT,
     EXIT_ENVIRONMENT,
+    EXIT_USAGE,
     ArtifactError,
     DataError,
     EnvironmentProblem,
@@ -542,6 +543,7 @@ def test_run_fault_while_writing_keeps_the_old_output(tmp_path: Path, toy: Path,
     outdir = tmp_path / "out"
     outdir.mkdir()
     (outdir / "old.txt").write_text("previous run")
+    (outdir / "report.json").write_text('{"producer": "ptycho-run"}')  # an output of ours
     monkeypatch.setattr(run_module, "save_png", _fill_disk_after(1000, error))
     result = invoke(run_app, *run_args(toy, scan_file, outdir))
     if isinstance(error, OSError):
@@ -549,7 +551,7 @@ def test_run_fault_while_writing_keeps_the_old_output(tmp_path: Path, toy: Path,
                    "previous output is intact")
     else:
         error_line(result, EXIT_INTERRUPTED, "interrupted: no partial outputs were kept")
-    assert [p.name for p in outdir.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["old.txt", "report.json"]
     assert leftovers(tmp_path) == []
 
 
@@ -560,6 +562,7 @@ def test_run_ctrl_c_mid_inference(tmp_path: Path, toy: Path, scan_file: Path,
     outdir = tmp_path / "out"
     outdir.mkdir()
     (outdir / "old.txt").write_text("previous run")
+    (outdir / "report.json").write_text('{"producer": "ptycho-run"}')  # an output of ours
     calls = []
 
     class Interrupted(run_module.StitchAccumulator):
@@ -573,7 +576,7 @@ def test_run_ctrl_c_mid_inference(tmp_path: Path, toy: Path, scan_file: Path,
     result = invoke(run_app, *run_args(toy, scan_file, outdir, "--batch-size", "4"))
     error_line(result, EXIT_INTERRUPTED, "interrupted")
     assert len(calls) == 2  # stopped after one batch, mid-run
-    assert [p.name for p in outdir.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["old.txt", "report.json"]
     assert leftovers(tmp_path) == []
 
 
@@ -641,6 +644,7 @@ def test_export_fault_keeps_the_old_export(tmp_path: Path, tiny_bundle: Path, to
     outdir = tmp_path / "export"
     outdir.mkdir()
     (outdir / "old.txt").write_text("previous export")
+    (outdir / "manifest.json").write_text('{"format": "ptycho-export-artifacts"}')
     if fault == "disk-full":
         monkeypatch.setattr(pipeline, "_write_json", _fill_disk_after(100, ENOSPC))
     else:
@@ -652,7 +656,7 @@ def test_export_fault_keeps_the_old_export(tmp_path: Path, tiny_bundle: Path, to
         error_line(result, EXIT_ENVIRONMENT, str(outdir), "No space left on device")
     else:
         error_line(result, EXIT_INTERRUPTED, "interrupted")
-    assert [p.name for p in outdir.iterdir()] == ["old.txt"]
+    assert sorted(p.name for p in outdir.iterdir()) == ["manifest.json", "old.txt"]
     assert leftovers(tmp_path) == []
 
 
@@ -839,3 +843,36 @@ def test_torchscript_file_from_another_model_is_refused(tmp_path: Path, tiny_bun
                str(folder / "model.ts"), "was exported from another bundle",
                "a model file was swapped in")
     assert not report.exists()
+
+
+# ---------------------------------------------------------------- -o onto someone's folder
+def test_run_onto_a_folder_it_did_not_write_is_refused(tmp_path: Path, toy: Path,
+                                                       scan_file: Path) -> None:
+    """The issue's reproduction: `mkdir mine && echo x > mine/notes.txt`, then -o mine."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x\n")
+    result = invoke(run_app, *run_args(toy, scan_file, mine))
+    error_line(result, EXIT_USAGE, str(mine), "was not written by ptycho-run", "notes.txt",
+               "--force")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    forced = invoke(run_app, *run_args(toy, scan_file, mine, "--force"))
+    assert forced.exit_code == 0, forced.output
+    assert not (mine / "notes.txt").exists() and (mine / "report.json").is_file()
+
+
+def test_export_onto_a_folder_it_did_not_write_is_refused(tmp_path: Path, tiny_bundle: Path,
+                                                          torch_side: None) -> None:
+    from cli.export import app as export_app
+
+    mine = tmp_path / "mine2"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x\n")
+    result = invoke(export_app, tiny_bundle, "-o", mine)
+    error_line(result, EXIT_USAGE, str(mine), "was not written by ptycho-export", "--force")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    fresh = invoke(export_app, tiny_bundle, "-o", tmp_path / "art")
+    assert fresh.exit_code == 0, fresh.output
+    hint = [ln for ln in fresh.output.splitlines() if ln.startswith("next: ")]
+    assert hint == [f"next: ptycho-run {tmp_path / 'art'} your_scan.npz -o "
+                    f"{tmp_path / 'art_run'} --provider auto"]

@@ -272,11 +272,26 @@ def test_fixed_batch_artifact_refuses_another_batch_size(tmp_path: Path,
 def test_an_older_output_folder_is_replaced(tmp_path: Path, artifact: Path,
                                             scan_path: Path) -> None:
     outdir = tmp_path / "out"
-    outdir.mkdir()
-    (outdir / "stale.txt").write_text("old run")
+    report = run_scan(artifact, scan_path, outdir, provider="cpu", progress=False)
+    assert report["producer"] == "ptycho-run"
+    (outdir / "stale.txt").write_text("left in a run folder")
     run_scan(artifact, scan_path, outdir, provider="cpu", progress=False)
     assert {p.name for p in outdir.iterdir()} == OUTPUT_FILES
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_folder_ptycho_run_did_not_write_is_refused(tmp_path: Path, artifact: Path,
+                                                       scan_path: Path) -> None:
+    from runtime.atomic import OutputNotOurs
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(OutputNotOurs, match="exists and was not written by ptycho-run"):
+        run_scan(artifact, scan_path, mine, provider="cpu", progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    run_scan(artifact, scan_path, mine, provider="cpu", progress=False, force=True)
+    assert {p.name for p in mine.iterdir()} == OUTPUT_FILES
 
 
 def test_output_folder_holding_the_inputs_is_refused(tmp_path: Path, artifact: Path,

@@ -341,6 +341,7 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
     """
     options = options or ExportOptions()
     _check_options(options)
+    options.check_output(outdir)
     adapter.validate()
     log = log or (lambda message: None)
     started = time.perf_counter()
@@ -591,6 +592,7 @@ def export_foreign_command(
     phase_tol: float | None = None,
     allow_trace_warning: Iterable[str] = (),
     input_scale: Iterable[str] = (),
+    force: bool = False,
     command: str = "",
     log=None,  # noqa: ANN001
 ) -> ExportResult:
@@ -606,8 +608,9 @@ def export_foreign_command(
     options = ExportOptions(formats=parse_formats(formats), batch=batch, opset=opset,
                             precision=precision, with_physics=with_physics,
                             tolerances=tolerances, command=command,
-                            allow_trace_warnings=list(allow_trace_warning))
+                            allow_trace_warnings=list(allow_trace_warning), force=force)
     _check_options(options)
+    options.check_output(outdir)
     if adapter is not None:
         made = import_object(adapter)
         try:

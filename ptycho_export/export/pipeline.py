@@ -1,6 +1,7 @@
 """lint -> freeze -> audit -> parity gate -> manifest, written to a temp folder and renamed.
 
-A failed gate leaves nothing in the output folder but the failure report.
+A failed gate leaves the output folder as it was and writes its report beside it
+(`<output>.failed/`); -o onto a folder this tool did not write is refused.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ from ptycho_export.parity import (
     run_parity,
     torchscript_runner,
 )
-from runtime.atomic import replace_dir, temp_dir_beside
+from runtime.atomic import ensure_replaceable, failed_beside, replace_dir, temp_dir_beside
 from runtime.compare import DEFAULT_TOLERANCES
 from runtime.errors import ParityError, naming
+from runtime.manifest import is_export_folder
 
 MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
@@ -75,6 +77,11 @@ class ExportOptions:
     command: str = ""
     # FILE:LINE of trace warnings the user vouches for (recorded in the manifest)
     allow_trace_warnings: list[str] = field(default_factory=list)
+    force: bool = False  # replace an output folder this tool did not write
+
+    def check_output(self, outdir: str | os.PathLike) -> None:
+        """Before any work: -o must be new, empty, or an export folder of ours."""
+        ensure_replaceable(outdir, is_export_folder, "ptycho-export", self.force)
 
     def validate(self) -> None:
         unknown = [f for f in self.formats if f not in FORMATS]
@@ -261,6 +268,7 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     shape = [b, *golden.shape[1:]]
     sample_out = tuple(golden.shape[1:]) if output_sample_shape is None else output_sample_shape
     out_shape = [b, *sample_out]
+    options.check_output(outdir)
     try:
         tmp = temp_dir_beside(outdir)
     except OSError as err:  # the error names the folder the user asked for
@@ -329,8 +337,11 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         failures = _gate(rows)
         table = parity_table(rows)
         if failures:
+            # The report goes beside the output: a failed re-export never costs the last
+            # working deployment.
             report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
-                      "rows": [r.to_dict() for r in rows], "command": options.command}
+                      "rows": [r.to_dict() for r in rows], "command": options.command,
+                      "output": str(outdir)}
             shutil.rmtree(tmp)
             tmp.mkdir()
             _write_json(tmp / "parity_failure.json", report)
@@ -338,10 +349,13 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                 "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
                 "\n\n" + table + "\n\nNext: inspect the failing node with "
                 "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
-            replace_dir(tmp, outdir)
+            failed = failed_beside(outdir)
+            replace_dir(tmp, failed)
             worst = failures[0]
+            kept = (f"the previous export in {outdir} is intact" if outdir.exists()
+                    else f"nothing was written to {outdir}")
             raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
-                              f"report in {outdir / 'parity_failure.md'}")
+                              f"{kept}; report in {failed / 'parity_failure.md'}")
 
         np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
                  **{k: v.astype(np.float32) for k, v in golden_out.items()})
@@ -366,6 +380,9 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                              for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, outdir)
+        stale = failed_beside(outdir)
+        if stale.is_dir() and is_export_folder(stale):  # an older failure, now superseded
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException as err:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -380,6 +397,7 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
                   options: ExportOptions | None = None, log=None) -> ExportResult:  # noqa: ANN001
     options = options or ExportOptions()
     options.validate()
+    options.check_output(outdir)
     log = log or (lambda message: None)
     started = time.perf_counter()
     bundle = read_bundle(bundle_path)

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from runtime.atomic import replace_dir, temp_dir_beside
+from runtime.atomic import ensure_replaceable, replace_dir, temp_dir_beside
 from runtime.errors import PtychoError
 
 INSTANCE_KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -59,8 +59,15 @@ def triton_config(manifest: dict[str, Any], name: str, max_batch_size: int = 102
     return "\n".join(parts) + "\n"
 
 
+def check_model_folder(repository: Path, name: str, force: bool = False) -> None:
+    """<repository>/<name> may be replaced only when it is a Triton model folder (it holds
+    config.pbtxt) or `force`."""
+    ensure_replaceable(repository / name, lambda folder: (folder / "config.pbtxt").is_file(),
+                       "ptycho-export --format triton", force)
+
+
 def write_triton_repository(export_dir: Path, repository: Path, name: str,
-                            **config_options: Any) -> Path:
+                            force: bool = False, **config_options: Any) -> Path:
     """Move a finished ONNX export folder into <repository>/<name>/1 with a config.pbtxt.
 
     Only <repository>/<name> is replaced (atomically): other models in the repository are
@@ -71,6 +78,7 @@ def write_triton_repository(export_dir: Path, repository: Path, name: str,
     manifest = json.loads((export_dir / "manifest.json").read_text())
     if set(manifest.get("artifacts", {})) - {"physics"} != {"onnx"}:
         raise TritonUsageError("a Triton version folder holds the ONNX artifact only")
+    check_model_folder(repository, name, force)
     staging = temp_dir_beside(repository / name)
     try:
         shutil.copytree(export_dir, staging / "1")
