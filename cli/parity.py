@@ -29,14 +29,15 @@ def parity_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Groups per inference call "
                                             "(fixed-batch artifacts use their own).")] = 256,
     amplitude_tol: Annotated[float | None, typer.Option(
-        min=0.0, help="Override the manifest's per-patch amplitude tolerance (max error "
+        help="Override the manifest's per-patch amplitude tolerance (max error "
         "relative to max|ref|).")] = None,
     phase_tol: Annotated[float | None, typer.Option(
-        min=0.0, help="Override the per-patch phase tolerance (amplitude-weighted wrapped "
+        help="Override the per-patch phase tolerance (amplitude-weighted wrapped "
         "error, rad).")] = None,
     object_tol: Annotated[float | None, typer.Option(
-        min=0.0, help="Stitched-object tolerance: max |error| after global-phase alignment "
-        "relative to max|object| (default 1e-5 for fp32).")] = None,
+        help="Stitched-object tolerance: max |candidate - reference| on the well-lit "
+        "pixels, without any alignment, relative to max|object| (default 1e-5 for fp32).")
+                                  ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
 ) -> None:
     """Run the eager model (fp32 reference, fp64 exact) and every artifact of ARTIFACT_DIR

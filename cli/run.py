@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import run_guarded
-from runtime.errors import ArtifactError, DataError
+from runtime.errors import DataError, ParityError
 from runtime.inputs import InputOptions
 from runtime.run import RunUsageError
 
@@ -175,7 +175,7 @@ def run_command(
             typer.echo(f"provider: {info['provider']} ({info['ep']})")
             _echo_self_check(result["self_check"])
             if result["self_check"]["status"] != "PASS":
-                raise ArtifactError("self-check FAILED: " +
+                raise ParityError("self-check FAILED: " +
                                     "; ".join(result["self_check"]["failures"]))
             return
         files = expand_inputs(data)

@@ -655,6 +655,10 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    from runtime.compare import check_tolerances
+
+    check_tolerances(dict(tolerances or {}) | (
+        {OBJECT_TOLERANCE_KEY: object_tol} if object_tol is not None else {}))
     bundle_path, data_path = Path(bundle), Path(data)
     artifact_dir = Path(artifact_dir)
     outdir = Path(outdir) if outdir is not None else default_outdir(artifact_dir)
@@ -673,6 +677,14 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     patch_tol = dict(artifacts.tolerances) | dict(tolerances or {})
     limit = object_tol if object_tol is not None else float(artifacts.tolerances.get(
         OBJECT_TOLERANCE_KEY, DEFAULT_OBJECT_TOLERANCES.get(artifacts.precision, 1e-5)))
+    from runtime.compare import loosened
+
+    looser = loosened(dict(tolerances or {}), dict(artifacts.tolerances)) | loosened(
+        {OBJECT_TOLERANCE_KEY: limit} if object_tol is not None else {},
+        {OBJECT_TOLERANCE_KEY: DEFAULT_OBJECT_TOLERANCES.get(artifacts.precision, 1e-5)})
+    for key, facts in looser.items():
+        log(f"warning: tolerance {key} loosened to {facts['limit']:g} (the artifact's "
+            f"{facts['default']:g}); recorded in parity.json")
     fixed = artifacts.batch is not None
     batch = artifacts.batch if fixed else batch_size
     groups = group_neighbours(scan.positions_px, config.gridsize)
@@ -841,6 +853,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
                  "object_shape": list(reference_obj.shape),
                  "well_lit_pixels": int(mask.sum())},
         "tolerances": {"patch": patch_tol, "object": {OBJECT_TOLERANCE_KEY: limit},
+                       "loosened": looser,
                        "object_metric": "max |candidate - reference| / max |reference| on "
                                         "the well-lit mask, no alignment"},
         "environment": _environment(),

@@ -7,9 +7,12 @@ reference amplitude, because phase is meaningless where the object amplitude van
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from runtime.errors import EXIT_USAGE, PtychoError
 
 # Defaults per precision: amplitude as max |error| / max |reference|, phase in radians
 # (wrapped, amplitude-weighted). fp32 numbers follow the measured export error (~1e-7).
@@ -23,6 +26,40 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
     "bf16": {"amplitude_rel_max": 3e-2, "phase_weighted_max_rad": 6e-2,
              "predicted_diffraction_rel_max": 1e-5},
 }
+
+TOLERANCE_FLAGS = {"amplitude_rel_max": "--amplitude-tol",
+                   "phase_weighted_max_rad": "--phase-tol",
+                   "predicted_diffraction_rel_max": "--physics-tol",
+                   "object_complex_rel_max": "--object-tol"}
+
+
+class ToleranceError(PtychoError):
+    """A tolerance that would make the gate meaningless (NaN passes every comparison)."""
+
+    exit_code = EXIT_USAGE
+
+
+def check_tolerances(overrides: dict[str, float]) -> None:
+    """Positive finite values only: `x > nan` is False, so a NaN limit passed everything,
+    and 0 or a negative limit fails every run."""
+    for key, value in overrides.items():
+        flag = TOLERANCE_FLAGS.get(key, key)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ToleranceError(f"{flag} {value!r}: give a positive number") from None
+        if not (math.isfinite(number) and number > 0):
+            raise ToleranceError(f"{flag} {value}: a tolerance must be a positive finite "
+                                 "number (NaN would pass every comparison, 0 or less fail "
+                                 "every one)")
+
+
+def loosened(overrides: dict[str, float], defaults: dict[str, float]) -> dict[str, dict]:
+    """The overrides looser than their defaults: {key: {"limit", "default"}}, for the
+    warning printed and the record kept in the manifest / report."""
+    return {key: {"limit": float(value), "default": defaults[key]}
+            for key, value in overrides.items()
+            if key in defaults and float(value) > defaults[key]}
 
 
 @dataclass(frozen=True)

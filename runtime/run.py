@@ -34,7 +34,7 @@ import numpy as np
 
 from runtime.atomic import ensure_replaceable, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
-from runtime.errors import EXIT_USAGE, ArtifactError, DataError, PtychoError, naming
+from runtime.errors import EXIT_USAGE, ArtifactError, DataError, ParityError, PtychoError, naming
 from runtime.grouping import group_neighbours
 from runtime.image_quality import (
     WELL_LIT_RULE,
@@ -334,7 +334,8 @@ def run_self_check(spec: ArtifactSpec, session: Any,
 
 def _raise_if_failed(result: dict[str, Any], spec: ArtifactSpec, info: SessionInfo) -> None:
     if result["status"] != "PASS":
-        raise ArtifactError(f"self-check FAILED on {info.provider} ({spec.model_path}): "
+        # a numerical mismatch, as the export gate's: the same exit code (5)
+        raise ParityError(f"self-check FAILED on {info.provider} ({spec.model_path}): "
                             f"{'; '.join(result['failures'])}")
 
 

@@ -876,3 +876,42 @@ def test_export_onto_a_folder_it_did_not_write_is_refused(tmp_path: Path, tiny_b
     hint = [ln for ln in fresh.output.splitlines() if ln.startswith("next: ")]
     assert hint == [f"next: ptycho-run {tmp_path / 'art'} your_scan.npz -o "
                     f"{tmp_path / 'art_run'} --provider auto"]
+
+
+# ---------------------------------------------------------------- tolerances
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_nonsense_tolerance_is_refused_before_any_work(tmp_path: Path, tiny_bundle: Path,
+                                                       torch_side: None, value: str) -> None:
+    # --amplitude-tol nan used to PASS the gate (every comparison with NaN is false)
+    from cli.export import app as export_app
+
+    result = invoke(export_app, tiny_bundle, "--amplitude-tol", value, "-o", tmp_path / "x")
+    error_line(result, EXIT_USAGE, f"--amplitude-tol {float(value)}", "positive finite")
+    assert not (tmp_path / "x").exists()
+
+
+def test_loosened_tolerance_is_a_warning_and_recorded(tmp_path: Path, tiny_bundle: Path,
+                                                     torch_side: None) -> None:
+    from cli.export import app as export_app
+
+    result = invoke(export_app, tiny_bundle, "--phase-tol", "0.01", "-o", tmp_path / "x")
+    assert result.exit_code == 0, result.output
+    assert ("warning: tolerance phase_weighted_max_rad loosened to 0.01 (default 0.0001); "
+            "recorded in the manifest") in result.output
+    manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
+    assert manifest["tolerances_loosened"] == {
+        "phase_weighted_max_rad": {"limit": 0.01, "default": 1e-4}}
+    assert manifest["tolerances"]["phase_weighted_max_rad"] == 0.01
+    tighter = invoke(export_app, tiny_bundle, "--phase-tol", "5e-5", "-o", tmp_path / "y")
+    assert tighter.exit_code == 0 and "warning: tolerance" not in tighter.output
+
+
+def test_parity_tolerances_are_checked_and_the_help_says_what_is_gated(
+        tmp_path: Path, tiny_bundle: Path, torch_side: None) -> None:
+    from cli.parity import app as parity_app
+
+    result = invoke(parity_app, tiny_bundle, tmp_path, tmp_path / "scan.npz",
+                    "--object-tol", "nan")
+    error_line(result, EXIT_USAGE, "--object-tol nan", "positive finite")
+    helptext = " ".join(invoke(parity_app, "--help").output.replace("│", " ").split())
+    assert "without any alignment" in helptext and "after global-phase" not in helptext

@@ -29,6 +29,7 @@ from runtime.errors import (
     ArtifactError,
     DataError,
     EnvironmentProblem,
+    ParityError,
 )
 from runtime.manifest import load_artifact
 from runtime.run import RunUsageError, run_scan, self_check_artifact
@@ -324,10 +325,13 @@ def test_self_check_failure_is_reported_and_stops_the_run(artifact_copy: Path,
     result = self_check_artifact(artifact_copy, provider="cpu")["self_check"]
     assert result["status"] == "FAIL"
     assert any(f.startswith("amplitude:") for f in result["failures"])
-    with pytest.raises(ArtifactError, match="self-check FAILED"):
+    with pytest.raises(ParityError, match="self-check FAILED") as caught:
         run_scan(artifact_copy, scan_path, tmp_path / "out", provider="cpu", self_check=True,
                  progress=False)
+    assert caught.value.exit_code == 5  # the same code as a failed export gate
     assert not (tmp_path / "out").exists()
+    cli = CliRunner().invoke(app, [str(artifact_copy), "--provider", "cpu"])
+    assert cli.exit_code == 5 and "self-check FAILED" in cli.stderr
 
 
 # --------------------------------------------------------------------------- artifact errors
