@@ -8,7 +8,13 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from runtime.errors import EXIT_BAD_INPUT, EnvironmentProblem, PtychoError, os_error_line
+from runtime.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_ENVIRONMENT,
+    EnvironmentProblem,
+    PtychoError,
+    os_error_line,
+)
 
 T = TypeVar("T")
 
@@ -36,6 +42,14 @@ def run_guarded(action: Callable[[], T], verbose: bool = False) -> T:
     except KeyboardInterrupt:
         print("interrupted: no partial outputs were kept", file=sys.stderr)
         raise SystemExit(130) from None
+    except MemoryError as err:  # an allocation no check foresaw: still one line
+        if verbose:
+            traceback.print_exc()
+        detail = " ".join(str(err).split()) or "an allocation failed"
+        print(f"error: out of memory ({detail}); the input may ask for more than this "
+              "machine has: check its sizes, or use a smaller --batch-size; nothing "
+              "half-written was kept", file=sys.stderr)
+        raise SystemExit(EXIT_ENVIRONMENT) from None
     except OSError as err:  # disk full / not writable: exit 4; other paths: exit 3
         if verbose:
             traceback.print_exc()

@@ -164,6 +164,33 @@ def _gib(n: float) -> str:
     return f"{n / (1 << 30):.1f} GiB"
 
 
+# Per canvas pixel while stitching: the complex64 canvas, the float32 weight sum and its
+# FFT-convolution workspace, the complex64 object and the mask written out.
+CANVAS_BYTES_PER_PX = 40
+# Without /proc/meminfo: refuse a canvas over 2^32 pixels (a 65536^2 object).
+CANVAS_PIXEL_CAP = 1 << 32
+
+
+def check_canvas(positions_px: np.ndarray, n_patch: int, data_path: Path,
+                 meminfo: str | os.PathLike[str] = "/proc/meminfo") -> dict[str, Any]:
+    """Before any work: the object canvas the positions span must fit in memory. One
+    scan position at (3e5, 3e5) asked for 671 GiB, and used to end in a MemoryError."""
+    lo, hi = positions_px.min(axis=0), positions_px.max(axis=0)
+    h, w = (int(np.ceil(hi[k] - lo[k])) + n_patch + 2 for k in range(2))
+    need = h * w * CANVAS_BYTES_PER_PX
+    free = mem_available_bytes(meminfo)
+    facts = {"shape": [h, w], "bytes": need, "available_bytes": free}
+    too_big = need > free if free is not None else h * w > CANVAS_PIXEL_CAP
+    if too_big:
+        have = (f"the {_gib(free)} available (MemAvailable)" if free is not None
+                else f"the {CANVAS_PIXEL_CAP:,}-pixel cap")
+        raise DataError(
+            f"{data_path}: the scan positions span y {lo[0]:.6g}..{hi[0]:.6g}, x "
+            f"{lo[1]:.6g}..{hi[1]:.6g} px: a {h} x {w} object canvas needing {_gib(need)}, "
+            f"more than {have}; check the positions (units: --position-units) for outliers")
+    return facts
+
+
 def auto_batch(spec: ArtifactSpec, info: SessionInfo,
                meminfo: str | os.PathLike[str] = "/proc/meminfo",
                gpu_free: Callable[[int], int | None] = cuda_free_bytes
@@ -615,6 +642,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
     batch = resolve_batch(spec, batch_size)
     method, method_why = _resolve_subpixel(subpixel, scan.positions_px)
     check_outdir(outdir, spec, data_path, force)
+    check_canvas(scan.positions_px, spec.patch_size, data_path)
     groups = group_neighbours(scan.positions_px, spec.gridsize)
     total = len(groups)
     # Channel 0 of each group is the pattern that anchors it: one patch per position.

@@ -915,3 +915,50 @@ def test_parity_tolerances_are_checked_and_the_help_says_what_is_gated(
     error_line(result, EXIT_USAGE, "--object-tol nan", "positive finite")
     helptext = " ".join(invoke(parity_app, "--help").output.replace("│", " ").split())
     assert "without any alignment" in helptext and "after global-phase" not in helptext
+
+
+# ---------------------------------------------------------------- memory sized by the input
+def test_one_far_position_is_refused_before_any_allocation(tmp_path: Path, toy: Path,
+                                                           scan_file: Path) -> None:
+    """One position moved to (3e5, 3e5) used to end in `MemoryError: Unable to allocate
+    671. GiB` with a traceback, exit 1."""
+    with np.load(scan_file) as data:
+        arrays = dict(data)
+    arrays["xcoords"] = arrays["xcoords"].copy()
+    arrays["ycoords"] = arrays["ycoords"].copy()
+    arrays["xcoords"][3] = 3e5
+    arrays["ycoords"][3] = 3e5
+    far = tmp_path / "far.npz"
+    np.savez(far, **arrays)
+    outdir = tmp_path / "out"
+    result = invoke(run_app, *run_args(toy, far, outdir))
+    line = error_line(result, EXIT_BAD_INPUT, str(far), "object canvas needing",
+                      "GiB", "check the positions")
+    assert "300000" in line
+    assert not outdir.exists() and leftovers(tmp_path) == []
+
+
+def test_canvas_check_against_the_memory_the_machine_reports(tmp_path: Path) -> None:
+    from runtime.run import check_canvas
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 100 kB\nMemAvailable: 1048576 kB\n")  # 1 GiB
+    positions = np.array([[0.0, 0.0], [100.0, 4000.0]])
+    facts = check_canvas(positions, 64, tmp_path / "s.npz", meminfo)  # 166 x 4066 px
+    assert facts["shape"] == [166, 4066] and facts["bytes"] == 166 * 4066 * 40
+    with pytest.raises(DataError, match="a 6066 x 6066 object canvas needing 1.4 GiB, more than the 1.0 GiB"):
+        check_canvas(np.array([[0.0, 0.0], [6000.0, 6000.0]]), 64, tmp_path / "s.npz",
+                     meminfo)
+
+
+def test_a_memory_error_anywhere_is_one_line(tmp_path: Path, toy: Path, scan_file: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import runtime.run as run_module
+
+    def no_memory(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError("Unable to allocate 12.0 GiB for an array")
+
+    monkeypatch.setattr(run_module, "group_neighbours", no_memory)
+    result = invoke(run_app, *run_args(toy, scan_file, tmp_path / "out"))
+    error_line(result, EXIT_ENVIRONMENT, "out of memory (Unable to allocate 12.0 GiB",
+               "nothing half-written")
