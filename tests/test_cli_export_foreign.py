@@ -74,7 +74,7 @@ def test_refused_torchscript_is_named_and_the_override_is_recorded(tmp_path):
     torch.save(namespace["ReadsAValue"]().state_dict(), tmp_path / "weights.pt")
     base = ["--model-class", f"{tmp_path / 'reads_value.py'}:ReadsAValue",
             "--checkpoint", str(tmp_path / "weights.pt"), "--input-shape", "1,16,16",
-            "--model-output", "amp_phase", "--format", "onnx,torchscript"]
+            "--model-output", "amp_phase", "--format", "onnx,torchscript", "--batch", "1"]
     result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output + result.stderr
     warning = [ln for ln in result.output.splitlines()

@@ -103,8 +103,40 @@ class ShapeAsPythonFloat(nn.Module):
 
 
 class TensorAsPythonNumber(nn.Module):
+    """A value read off the input (the batch's max, capped): the same for each sample alone
+    and in the batch at the example's level, so only the rescaled proof exposes it."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * x.sum().item()  # <- here
+        return x * x.amax().clamp(max=0.5).item()  # <- here
+
+
+class FunctionalDropout(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.dropout(x, 0.5, training=True)
+
+
+class RandomNoise(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.rand_like(x)
+
+
+class FunctionalBatchNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.batch_norm(x, None, None, training=True)
+
+
+class Float64Attribute(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = torch.full((16,), 0.5, dtype=torch.float64)  # neither parameter nor buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.c.float()  # <- here
+
+
+class Float64Intermediate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.double() * 2).float()  # <- here
 
 
 class ShapeComparison(nn.Module):
@@ -191,23 +223,44 @@ def test_data_dependent_branch() -> None:
     assert "cannot prove it harmless" in message
 
 
-@pytest.mark.parametrize(("module", "child"), [
-    (WithDropout(), "'drop' (Dropout)"),
-    (WithBatchNorm(), "'bn' (BatchNorm2d)"),
-])
-def test_train_mode_is_refused(module: nn.Module, child: str) -> None:
-    assert module.training
+@pytest.mark.parametrize("module", [WithDropout(), FunctionalDropout().eval(),
+                                    RandomNoise().eval()], ids=["module", "functional", "rand"])
+def test_randomness_is_refused_by_behaviour(module: nn.Module) -> None:
+    # F.dropout(training=True) and rand_like used to pass: the trace ran without a check
     message = _refusal(module)
-    assert f"module {child} is in train mode" in message
-    assert "eval()" in message
+    assert message.startswith("forward is not deterministic: two runs on the same input "
+                              "differ by ")
+    assert __file__ in message  # the op is named with the user's line
+    assert "dropout" in message or "rand_like" in message
 
 
-def test_train_mode_of_one_submodule_is_enough() -> None:
+@pytest.mark.parametrize("module", [WithBatchNorm(), FunctionalBatchNorm().eval()],
+                         ids=["module", "functional"])
+def test_batch_statistics_are_refused_by_behaviour(module: nn.Module) -> None:
+    message = _refusal(module)
+    assert message.startswith("forward's output for one sample depends on the rest of the "
+                              "batch")
+    assert "batch_norm at " in message and __file__ in message
+
+
+def test_one_submodule_left_in_train_mode_is_caught() -> None:
     module = WithBatchNorm().eval()
     module.bn.train()
-    message = _refusal(module)
-    assert "'bn' (BatchNorm2d) is in train mode" in message
-    assert "WithBatchNorm" not in message
+    assert "depends on the rest of the batch" in _refusal(module)
+    module.bn.eval()
+    assert _lint(module).refused == {}
+
+
+@pytest.mark.parametrize("cls", [Float64Attribute, Float64Intermediate])
+def test_float64_in_what_the_graph_computes_is_refused(cls: type) -> None:
+    # a plain attribute is neither parameter nor buffer: it used to pass unnoticed
+    message = _refusal(cls().eval())
+    assert message.startswith("forward computes in float64: ")
+    assert f"{__file__}:{_marked_line(cls)}" in message or \
+        f"{__file__}({_marked_line(cls)})" in message
+    torchscript_only = str(pytest.raises(ExportLintError, lint_module, cls().eval(),
+                                         (_example(),), formats=("torchscript",)).value)
+    assert torchscript_only.startswith("forward computes in float64: ")
 
 
 @pytest.mark.parametrize("cls", [ShapeAsPythonFloat, ShapeComparison])
@@ -240,7 +293,7 @@ def test_loop_over_the_batch_is_refused_for_every_format() -> None:
     assert "onnx, pt2: torch.export refused the model" in message
     assert "forward fixes the batch size" in message and "--batch N" in message
     assert ("torchscript: the trace does not reproduce eager: the trace fails at batch 1, "
-            "the example's values x0.37") in message
+            "the example's values x0.001") in message
 
 
 def test_loop_over_a_fixed_batch_is_exported() -> None:

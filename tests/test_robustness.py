@@ -946,7 +946,8 @@ def test_canvas_check_against_the_memory_the_machine_reports(tmp_path: Path) -> 
     positions = np.array([[0.0, 0.0], [100.0, 4000.0]])
     facts = check_canvas(positions, 64, tmp_path / "s.npz", meminfo)  # 166 x 4066 px
     assert facts["shape"] == [166, 4066] and facts["bytes"] == 166 * 4066 * 40
-    with pytest.raises(DataError, match="a 6066 x 6066 object canvas needing 1.4 GiB, more than the 1.0 GiB"):
+    with pytest.raises(DataError, match="a 6066 x 6066 object canvas needing 1.4 GiB, "
+                                        "more than the 1.0 GiB"):
         check_canvas(np.array([[0.0, 0.0], [6000.0, 6000.0]]), 64, tmp_path / "s.npz",
                      meminfo)
 

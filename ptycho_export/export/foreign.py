@@ -373,7 +373,8 @@ def export_foreign(module: nn.Module, adapter: InferenceAdapter, outdir: str | o
     log(f"dry run: {label} on a float32 batch {tuple(example_np.shape)}")
     sample_out, ranges = dry_run(wrapper, example)
 
-    log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
+    log("lint: dtypes, determinism, batch independence, torch.export, trace proof, "
+        "float64 in the graphs")
     with detached_from_trainer():
         linted = lint_module(wrapper, example, dynamic, allow_complex=True,
                              formats=options.formats,

@@ -25,11 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ptycho_export.export.graph_checks import (
+    BEHAVIOUR_TOLERANCE,
+    REDUCED_BEHAVIOUR_TOLERANCE,
+    behaviour_findings,
+    float64_in_program,
+    float64_in_trace,
+    float64_refusal,
+)
 from runtime.errors import PtychoError
 
 ALL_FORMATS = ("onnx", "torchscript", "pt2")
 EXPORT_FORMATS = ("onnx", "pt2")  # the formats made from the torch.export program
-PROOF_SCALES = (0.37, 2.9)  # fresh inputs: the example's rows, cycled and rescaled
+PROOF_SCALES = (1e-3, 0.37, 2.9)  # fresh inputs: the example's rows, cycled and rescaled
 PROOF_TOLERANCE = 1e-5  # trace vs eager, max |difference| relative to max |eager|
 
 
@@ -69,15 +77,6 @@ class LintResult:
                   for w in self.trace_warnings]
         found += [f"TorchScript: {d}" for d in self.device_rewrites]
         return found
-
-
-def check_eval_mode(module: nn.Module) -> list[str]:
-    return [
-        f"module '{name or type(module).__name__}' ({type(sub).__name__}) is in train mode: "
-        "call model.eval() before export (dropout/batch-norm would freeze random or "
-        "batch-dependent behaviour)"
-        for name, sub in module.named_modules() if sub.training
-    ][:3]
 
 
 def check_float32(module: nn.Module, allowed: tuple[torch.dtype, ...] = (torch.float32,),
@@ -306,7 +305,7 @@ def lint_trace(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_bat
             warning.accepted = (
                 "proven harmless: torch.export accepts the module (no Python branch on "
                 "tensor values) and the trace reproduces eager at batch sizes "
-                f"{sizes}, inputs x{PROOF_SCALES[0]} and x{PROOF_SCALES[1]}")
+                f"{sizes}, inputs x" + ", x".join(f"{k:g}" for k in PROOF_SCALES))
     unproven = [w for w in found if not w.accepted]
     if unproven:
         first = unproven[0]
@@ -323,10 +322,14 @@ def lint_module(module: nn.Module, example: tuple[torch.Tensor, ...],
                 allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
                 allow_complex: bool = False, formats: Iterable[str] = ALL_FORMATS,
                 allow_trace_warnings: Iterable[str] = ()) -> LintResult:
-    """Checks that apply to every format (train mode, dtypes) raise; the rest decide per
-    format. Raises when every requested format is refused."""
+    """Checks that apply to every format (dtypes, determinism, batch independence, float64
+    in the graphs) raise; the rest decide per format. Raises when every requested format
+    is refused."""
     formats = list(formats)
-    findings = check_eval_mode(module) + check_float32(module, allowed_dtypes, allow_complex)
+    findings = check_float32(module, allowed_dtypes, allow_complex)
+    reduced = any(d in allowed_dtypes for d in (torch.float16, torch.bfloat16))
+    findings = findings or behaviour_findings(
+        module, example, REDUCED_BEHAVIOUR_TOLERANCE if reduced else BEHAVIOUR_TOLERANCE)
     if findings:
         raise ExportLintError("; ".join(findings))
     result = LintResult()
@@ -337,6 +340,10 @@ def lint_module(module: nn.Module, example: tuple[torch.Tensor, ...],
         except ExportLintError as err:
             export_refusal = str(err)
             result.refused.update({f: export_refusal for f in formats if f in EXPORT_FORMATS})
+        if result.exported is not None and torch.float64 not in allowed_dtypes:
+            wide = float64_in_program(result.exported)
+            if wide:
+                raise ExportLintError(float64_refusal(wide))
     if "torchscript" in formats:
         traced, refusal, accepted, rewrites = lint_trace(
             module, example, dynamic_batch, result.exported, export_refusal,
@@ -344,6 +351,10 @@ def lint_module(module: nn.Module, example: tuple[torch.Tensor, ...],
         result.traced, result.trace_warnings, result.device_rewrites = traced, accepted, rewrites
         if refusal:
             result.refused["torchscript"] = refusal
+        elif traced is not None and torch.float64 not in allowed_dtypes:
+            wide = float64_in_trace(traced)
+            if wide:
+                raise ExportLintError(float64_refusal(wide))
     if all(f in result.refused for f in formats):
         reasons = list(dict.fromkeys(result.refused[f] for f in formats))
         if len(reasons) == 1:

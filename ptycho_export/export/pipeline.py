@@ -426,7 +426,8 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
         allowed = (torch.float32, dtype)
     example_np = _example_batch(golden, options.batch)
     example = (torch.from_numpy(example_np),)
-    log("lint: torch.export dry run, strict trace, dtype/device/train-mode checks")
+    log("lint: dtypes, determinism, batch independence, torch.export, trace proof, "
+        "float64 in the graphs")
     linted = lint_module(frozen, example, dynamic, allowed, formats=options.formats,
                          allow_trace_warnings=options.allow_trace_warnings)
 
