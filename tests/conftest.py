@@ -70,3 +70,26 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_parts: TinyParts)
                         state_dict=tiny_parts.state_dict, probe=tiny_parts.probe,
                         golden=tiny_parts.golden, training=tiny_parts.training,
                         data=tiny_parts.data)
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CNN trained 150 steps (about 5 s on 2 cores) on a simulated 8 x 8 scan: a
+    model that responds to its input, for tests of what the parity gate can see (the
+    untrained tiny fixture's output barely depends on its input). Measured: amplitude std
+    0.024 and phase std 0.58 over its golden patterns, phase correlation 0.80."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning")
+    from ptycho_export.data.simulate import SimulationConfig, simulate_scan
+    from ptycho_export.train import TrainOptions, train
+    from runtime.scan import save_scan
+
+    folder = tmp_path_factory.mktemp("trained")
+    scan = simulate_scan(SimulationConfig(
+        patch_size=TINY_PATCH, grid_shape=(8, 8), step_px=4, probe_diameter_px=12.8,
+        defocus=3.2, object_kind="smooth", seed=3))
+    save_scan(folder / "scan.npz", scan)
+    options = TrainOptions(preset="small", steps=150, guide=False, seed=0,
+                           accelerator="cpu", devices=1, progress=False)
+    train(folder / "scan.npz", folder / "trained.zip", folder / "run", options)
+    return folder / "trained.zip"
