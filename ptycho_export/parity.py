@@ -128,6 +128,32 @@ class ParityRow:
                 "outputs": {k: v.to_dict() for k, v in self.stats.items()}}
 
 
+@dataclass
+class FixedBatchRunner:
+    """A fixed-batch artifact fed any number of samples: chunks of its batch, the last one
+    padded by repeating its rows, padding dropped from the outputs. The gate then sees
+    every case whole instead of the first `batch` samples."""
+
+    runner: Runner
+    batch: int
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(next(iter(inputs.values())))
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, count, self.batch):
+            chunk = {k: v[start:start + self.batch] for k, v in inputs.items()}
+            used = len(next(iter(chunk.values())))
+            if used < self.batch:
+                chunk = {k: np.resize(v, (self.batch, *v.shape[1:])) for k, v in chunk.items()}
+            for name, value in self.runner.infer(chunk).items():
+                parts.setdefault(name, []).append(value[:used])
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+
 def run_parity(reference: Runner, candidates: list[Runner], cases: dict[str, np.ndarray],
                input_name: str, tolerances: dict[str, float],
                float64_reference: Runner | None = None) -> list[ParityRow]:

@@ -150,11 +150,30 @@ def save_loss_curve(path: Path, rows: list[dict[str, float]], loss: str = "poiss
         plt.close(fig)
 
 
+def golden_index(amplitudes: torch.Tensor, preferred: np.ndarray, count: int
+                 ) -> tuple[np.ndarray, dict[str, int]]:
+    """The scan's extremes first (brightest and darkest total counts, the most structured
+    pattern: largest spread of log intensity), then `preferred` (validation) samples: the
+    parity gate and the runtime self-check then see the range the deployment meets, not
+    only typical patterns. Returns (group indices, {reason: group index})."""
+    values = amplitudes.float()
+    total = values.square().sum(dim=(1, 2, 3))
+    structure = torch.log1p(values.square()).flatten(1).std(dim=1)
+    extremes = {"brightest": int(total.argmax()), "darkest": int(total.argmin()),
+                "most_structured": int(structure.argmax())}
+    chosen: list[int] = []
+    for group in [*extremes.values(), *(int(i) for i in preferred)]:
+        if group not in chosen:
+            chosen.append(group)
+    return np.asarray(chosen[:count], dtype=np.int64), extremes
+
+
 def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
                    ) -> dict[str, np.ndarray]:
-    """Real validation inputs with the eager CPU float32 outputs: the parity reference."""
-    index = datamodule.val_index if len(datamodule.val_index) else datamodule.train_index
-    index = index[:count]
+    """Real inputs (the scan's extremes, then validation samples) with the eager CPU
+    float32 outputs: the parity reference."""
+    preferred = datamodule.val_index if len(datamodule.val_index) else datamodule.train_index
+    index, _ = golden_index(datamodule.amplitudes, preferred, count)
     inputs = datamodule.amplitudes[torch.from_numpy(index)].float()
     net = module.net.to("cpu", torch.float32).eval()
     with torch.inference_mode():

@@ -110,3 +110,57 @@ def test_smallest_change_the_gate_catches_per_layer(gate) -> None:  # noqa: ANN0
     print({k: f"{v:.1e}" for k, v in smallest.items()})
     assert max(smallest.values()) < 1e-3 / 3  # a margin below the stated 1e-3
     assert min(smallest.values()) < 1e-4
+
+
+# ---------------------------------------------------------------- what the gate is fed
+def test_golden_patterns_include_the_scan_extremes(trained_bundle: Path) -> None:
+    from ptycho_export.data.module import grouped_inputs
+    from runtime.scan import load_scan
+
+    bundle = read_bundle(trained_bundle)
+    amplitudes, _, _ = grouped_inputs(load_scan(trained_bundle.parent / "scan.npz"), 1)
+    total = np.square(amplitudes.astype(np.float64)).sum(axis=(1, 2, 3))
+    index = list(np.asarray(bundle.golden["group_index"]))
+    assert index[0] == int(total.argmax()) and index[1] == int(total.argmin())
+    assert len(index) == len(set(index)) == 8
+
+
+def test_golden_index_orders_extremes_then_preferred() -> None:
+    from ptycho_export.train import golden_index
+
+    values = torch.ones(6, 1, 4, 4)
+    values[2] *= 3.0  # brightest
+    values[4] *= 0.1  # darkest
+    values[5, 0, 0, 0] = 9.0  # most structured (and not the brightest in total)
+    values[5] *= 0.5
+    index, extremes = golden_index(values, np.array([4, 0, 1, 3]), 5)
+    assert extremes == {"brightest": 2, "darkest": 4, "most_structured": 5}
+    assert list(index) == [2, 4, 5, 0, 1]
+
+
+def test_fixed_batch_runner_feeds_every_sample_in_chunks() -> None:
+    from ptycho_export.parity import FixedBatchRunner
+
+    seen = []
+
+    class Echo:
+        name = "echo"
+
+        def infer(self, inputs):  # noqa: ANN001, ANN202
+            seen.append(len(inputs["x"]))
+            return {"y": inputs["x"] * 2}
+
+    x = np.arange(7, dtype=np.float32).reshape(7, 1)
+    out = FixedBatchRunner(Echo(), 3).infer({"x": x})
+    assert seen == [3, 3, 3] and np.array_equal(out["y"], x * 2)
+
+
+def test_a_fixed_batch_export_is_gated_on_every_case_whole(trained_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    # --batch 1 used to cut every case to its first sample
+    result = export_bundle(trained_bundle, tmp_path / "b1",
+                           ExportOptions(formats=["onnx"], batch=1))
+    with np.load(tmp_path / "b1" / "golden.npz") as golden:
+        assert golden[INPUT_NAME].shape[0] == 8
+    assert {r.case for r in result.rows if r.gated} == {"golden", "random_counts", "zeros",
+                                                       "saturated"}

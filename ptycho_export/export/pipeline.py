@@ -41,6 +41,7 @@ from ptycho_export.export.wrapper import (
     ReducedPrecisionWrapper,
 )
 from ptycho_export.parity import (
+    FixedBatchRunner,
     OnnxRunner,
     ParityRow,
     Runner,
@@ -202,7 +203,9 @@ def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance
     reference = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,))
     exact = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,),
                          dtype=torch.float64)
-    candidate = OnnxRunner("onnxruntime cpu (physics)", path)
+    candidate: Runner = OnnxRunner("onnxruntime cpu (physics)", path)
+    if options.batch is not None:
+        candidate = FixedBatchRunner(candidate, options.batch)
     feeds = {"amplitude": outputs["amplitude"], "phase": outputs["phase"]}
     tolerances = {f"{PHYSICS_OUTPUT_NAME}_rel_max": tolerance}
     from runtime.compare import compare_outputs, tolerance_failures
@@ -326,8 +329,8 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
             raise ExportLintError("; ".join(f"{k}: {v}" for k, v in refused.items()))
 
         cases = parity_cases(golden, n_random=8, seed=0) | (extra_cases or {})
-        if not dynamic:  # fixed-batch artifacts only take their own batch size
-            cases = {k: _example_batch(v, options.batch) for k, v in cases.items()}
+        if not dynamic:  # a fixed-batch artifact sees every case whole, in chunks
+            candidates = [FixedBatchRunner(c, options.batch) for c in candidates]
         if eager is None:
             eager = eager_runner(reference, (INPUT_NAME,), OUTPUT_NAMES)
         rows = run_parity(eager, candidates, cases, INPUT_NAME, tolerances, exact)
