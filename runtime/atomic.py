@@ -51,12 +51,61 @@ def ensure_replaceable(outdir: str | os.PathLike[str], is_ours: Any, what: str,
                         "another -o, or pass --force to replace it")
 
 
+class OutputBusy(PtychoError):
+    """Another live process is writing the same output folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(outdir: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold `.<name>.lock` beside `outdir` while a command writes it: a second writer of
+    the same folder fails at once with one line, so one wins whole and nothing is mixed.
+    A lock left by a process that no longer exists is taken over."""
+    outdir = Path(outdir)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    lock = outdir.with_name(f".{outdir.name}.lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = -1
+            if pid > 0 and not _alive(pid):
+                lock.unlink(missing_ok=True)  # its writer is gone: take it over
+                continue
+            raise OutputBusy(f"{outdir}: another {what} (pid {pid if pid > 0 else '?'}) is "
+                             f"writing it now ({lock.name} is held); wait for it to finish, "
+                             "or choose another -o") from None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()} {what}\n")
+        break
+    else:
+        raise OutputBusy(f"{outdir}: its lock {lock.name} could not be taken; remove it if "
+                         "no command is writing there")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def failed_beside(outdir: str | os.PathLike[str]) -> Path:
     """Where a failed command puts its report, so the previous output stays intact."""
     outdir = Path(outdir)
     return outdir.with_name(f"{outdir.name}.failed")
 
-__all__ = ["OutputNotOurs", "ensure_replaceable", "failed_beside", "replace_dir",
+__all__ = ["OutputBusy", "OutputNotOurs", "ensure_replaceable", "failed_beside", "output_lock",
+           "replace_dir",
            "temp_dir_beside", "write_atomic", "written_atomic"]
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.atomic import ensure_replaceable, replace_dir, temp_dir_beside
+from runtime.atomic import ensure_replaceable, output_lock, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, ParityError, PtychoError, naming
 from runtime.grouping import group_neighbours
@@ -602,6 +602,15 @@ def _resolve_subpixel(subpixel: str | None, positions: np.ndarray) -> tuple[str,
 
 
 def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str],
+             outdir: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """Reconstruct ``data_path`` with ``artifact`` into ``outdir`` (options: see
+    :func:`_run_scan`), holding the output's lock: a second run writing the same folder
+    at the same time fails at once with one line."""
+    with output_lock(outdir, "ptycho-run"):
+        return _run_scan(artifact, data_path, outdir, **options)
+
+
+def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str],
              outdir: str | os.PathLike[str], provider: str = "auto",
              batch_size: int | None = None, threads: int | None = None,
              self_check: bool = False, progress: bool = True,

@@ -963,3 +963,53 @@ def test_a_memory_error_anywhere_is_one_line(tmp_path: Path, toy: Path, scan_fil
     result = invoke(run_app, *run_args(toy, scan_file, tmp_path / "out"))
     error_line(result, EXIT_ENVIRONMENT, "out of memory (Unable to allocate 12.0 GiB",
                "nothing half-written")
+
+
+# ---------------------------------------------------------------- two writers of one folder
+def test_a_second_writer_of_the_same_folder_fails_at_once(tmp_path: Path, toy: Path,
+                                                          scan_file: Path) -> None:
+    from runtime.atomic import output_lock
+
+    outdir = tmp_path / "out"
+    run_scan(toy, scan_file, outdir, provider="cpu", progress=False)
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    with output_lock(outdir, "ptycho-run"):  # a live writer (this process) holds it
+        result = invoke(run_app, *run_args(toy, scan_file, outdir))
+    error_line(result, EXIT_BAD_INPUT, str(outdir), "another ptycho-run", f"pid {os.getpid()}",
+               "is writing it now")
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
+    assert leftovers(tmp_path) == []
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path, toy: Path,
+                                                     scan_file: Path) -> None:
+    import subprocess
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (tmp_path / ".out.lock").write_text(f"{dead.stdout.strip()} ptycho-run\n")
+    result = invoke(run_app, *run_args(toy, scan_file, tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / ".out.lock").exists()
+
+
+def test_two_runs_into_one_folder_at_once_never_mix(tmp_path: Path, toy: Path,
+                                                    scan_file: Path) -> None:
+    """Two real processes: each either writes the folder whole or fails with the lock
+    line; the folder left is one run's, report and object together."""
+    import subprocess
+
+    outdir = tmp_path / "out"
+    command = [sys.executable, "-c", "from cli.run import main; main()",
+               *map(str, run_args(toy, scan_file, outdir))]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+             for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for code, stderr in results:
+        assert code == 0 or (code == EXIT_BAD_INPUT and "is writing it now" in stderr), stderr
+    assert any(code == 0 for code, _ in results)
+    report = json.loads((outdir / "report.json").read_text())
+    assert report["producer"] == "ptycho-run" and sorted(report["files"]) == sorted(
+        p.name for p in outdir.iterdir())
+    assert leftovers(tmp_path) == []

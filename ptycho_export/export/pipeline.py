@@ -52,7 +52,13 @@ from ptycho_export.parity import (
     run_parity,
     torchscript_runner,
 )
-from runtime.atomic import ensure_replaceable, failed_beside, replace_dir, temp_dir_beside
+from runtime.atomic import (
+    ensure_replaceable,
+    failed_beside,
+    output_lock,
+    replace_dir,
+    temp_dir_beside,
+)
 from runtime.compare import DEFAULT_TOLERANCES, check_tolerances, loosened
 from runtime.errors import ParityError, naming
 from runtime.manifest import is_export_folder
@@ -236,6 +242,15 @@ def batch_dim(options: ExportOptions) -> int | str:
 
 
 def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
+                  outdir: str | os.PathLike, options: ExportOptions,
+                  **kwargs: Any) -> ExportResult:
+    """:func:`_export_module` holding the output's lock (two exports into one folder at
+    once: the second fails at once with one line)."""
+    with output_lock(outdir, "ptycho-export"):
+        return _export_module(reference, linted, golden, outdir, options, **kwargs)
+
+
+def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                   outdir: str | os.PathLike, options: ExportOptions, *,
                   metadata: dict[str, str], manifest_fields: dict[str, Any],
                   exact: Runner | None = None, eager: Runner | None = None,
