@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from runtime.errors import EXIT_USAGE, PtychoError
+from runtime.errors import EXIT_USAGE, PtychoError, naming
 
 
 class OutputNotOurs(PtychoError):
@@ -71,12 +71,16 @@ def output_lock(outdir: str | os.PathLike[str], what: str) -> Iterator[None]:
     the same folder fails at once with one line, so one wins whole and nothing is mixed.
     A lock left by a process that no longer exists is taken over."""
     outdir = Path(outdir)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
+    if not outdir.parent.is_dir():  # nothing writes there yet; the command makes it later
+        yield
+        return
     lock = outdir.with_name(f".{outdir.name}.lock")
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        except OSError as err:
+            if not isinstance(err, FileExistsError):
+                raise naming(err, outdir) from err
             try:
                 pid = int(lock.read_text().split()[0])
             except (OSError, ValueError, IndexError):

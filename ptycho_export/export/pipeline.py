@@ -344,10 +344,12 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
             raise ExportLintError("; ".join(f"{k}: {v}" for k, v in refused.items()))
 
         cases = parity_cases(golden, n_random=8, seed=0) | (extra_cases or {})
-        if not dynamic:  # a fixed-batch artifact sees every case whole, in chunks
-            candidates = [FixedBatchRunner(c, options.batch) for c in candidates]
         if eager is None:
             eager = eager_runner(reference, (INPUT_NAME,), OUTPUT_NAMES)
+        if not dynamic:  # every case whole, in chunks of the batch the artifact will see
+            candidates = [FixedBatchRunner(c, options.batch) for c in candidates]
+            eager = FixedBatchRunner(eager, options.batch)
+            exact = FixedBatchRunner(exact, options.batch) if exact is not None else None
         rows = run_parity(eager, candidates, cases, INPUT_NAME, tolerances, exact)
         golden_in = cases["golden"]
         golden_out = eager.infer({INPUT_NAME: golden_in})
