@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from runtime.errors import (
@@ -30,10 +33,39 @@ def require_train_extra(command: str, modules: tuple[str, ...] = TRAIN_EXTRA_MOD
             "pip install 'ptycho-export[train,cpu]' (GPU users: install their CUDA torch first)")
 
 
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a killed command
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's kill, a timeout), raised where the program is so that the
+    same clean-up as Ctrl-C runs: temp files and folders removed, old outputs intact.
+    Python's default for SIGTERM ends the process at once and leaves them behind."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_guarded(action: Callable[[], T], verbose: bool = False) -> T:
     """Run a command body; our errors become one stderr line and a distinct exit code."""
     try:
-        return action()
+        with terminate_as_interrupt():
+            return action()
+    except Terminated:
+        print("terminated: no partial outputs were kept", file=sys.stderr)
+        raise SystemExit(EXIT_TERMINATED) from None
     except PtychoError as err:
         if verbose:
             traceback.print_exc()

@@ -198,9 +198,11 @@ def fit_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: A
     handler = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SystemExit:
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
+    except SystemExit as err:
+        if trainer.interrupted:  # the interrupt itself (Ctrl-C, or SIGTERM as Terminated)
+            cause = err.__context__
+            raise (cause if isinstance(cause, KeyboardInterrupt) else KeyboardInterrupt()
+                   ) from None
         raise
     finally:
         with contextlib.suppress(ValueError, TypeError):  # not the main thread / no handler

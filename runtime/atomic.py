@@ -65,6 +65,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
+STALE_EMPTY_LOCK_S = 10.0  # a lock without a pid this old was never finished
+
+
+def _age_s(path: Path) -> float:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 @contextlib.contextmanager
 def output_lock(outdir: str | os.PathLike[str], what: str) -> Iterator[None]:
     """Hold `.<name>.lock` beside `outdir` while a command writes it: a second writer of
@@ -85,14 +97,19 @@ def output_lock(outdir: str | os.PathLike[str], what: str) -> Iterator[None]:
                 pid = int(lock.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 pid = -1
-            if pid > 0 and not _alive(pid):
+            unreadable_and_old = pid <= 0 and _age_s(lock) > STALE_EMPTY_LOCK_S
+            if (pid > 0 and not _alive(pid)) or unreadable_and_old:
                 lock.unlink(missing_ok=True)  # its writer is gone: take it over
                 continue
             raise OutputBusy(f"{outdir}: another {what} (pid {pid if pid > 0 else '?'}) is "
                              f"writing it now ({lock.name} is held); wait for it to finish, "
                              "or choose another -o") from None
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()} {what}\n")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(f"{os.getpid()} {what}\n")
+        except OSError as err:  # a full disk: no lock may stay behind
+            lock.unlink(missing_ok=True)
+            raise naming(err, outdir) from err
         break
     else:
         raise OutputBusy(f"{outdir}: its lock {lock.name} could not be taken; remove it if "

@@ -137,7 +137,7 @@ def error_line(result: Any, code: int, *fragments: str) -> str:
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(("error: ", "interrupted: ")), lines[0]
+    assert lines[0].startswith(("error: ", "interrupted: ", "terminated: ")), lines[0]
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     assert "Traceback" not in result.output
