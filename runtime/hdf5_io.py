@@ -219,12 +219,27 @@ def _bad_pixel_mask(h5: Any, path: str, shape: tuple[int, int], window: slice, s
     return np.asarray(_read(ds, (), source, path)).astype(bool)[window, window]
 
 
+def _check_fits(total: int, n: int, source: str, path: str) -> None:
+    """The float32 amplitudes a dataset's declared shape asks for must fit in memory: a
+    chunked, compressed dataset can declare 10^7 frames in a 160 MB file."""
+    from runtime.run import mem_available_bytes
+
+    need = total * n * n * 4
+    free = mem_available_bytes()
+    if free is not None and need > free:
+        raise _fail(source, path, f"declares {total} frames of {n}x{n}: {need / (1 << 30):.1f} "
+                                  f"GiB of float32 amplitudes, more than the "
+                                  f"{free / (1 << 30):.1f} GiB available (MemAvailable); "
+                                  "check the file, or select fewer frames")
+
+
 def _read_frames(ds: Any, rows: np.ndarray | None, window: slice, kind: str, chunk: int,
                  mask: np.ndarray | None, source: str, path: str
                  ) -> tuple[np.ndarray, str, list[str]]:
     """Chunked hyperslab reads -> (amplitudes (M, n, n) float32, looks_like, warnings)."""
     total = int(ds.shape[0]) if rows is None else len(rows)
     n = window.stop - window.start
+    _check_fits(total, n, source, path)
     amplitudes = np.empty((total, n, n), dtype=np.float32)
     verdict, warnings = "unknown", []
     for start in range(0, total, chunk):

@@ -1013,3 +1013,25 @@ def test_two_runs_into_one_folder_at_once_never_mix(tmp_path: Path, toy: Path,
     assert report["producer"] == "ptycho-run" and sorted(report["files"]) == sorted(
         p.name for p in outdir.iterdir())
     assert leftovers(tmp_path) == []
+
+
+def test_hdf5_declaring_more_frames_than_memory_is_refused_before_reading(
+        tmp_path: Path, toy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunked, compressed dataset can declare 10^7 frames in a 160 MB file: it used to
+    fail only when the 153 GiB array was allocated."""
+    h5py = pytest.importorskip("h5py")
+    import runtime.run as run_module
+
+    path = tmp_path / "declared.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("diffraction", shape=(400, N, N), dtype="f4", chunks=(1, N, N),
+                         compression="gzip")
+        f["xcoords"] = np.zeros(400)
+        f["ycoords"] = np.zeros(400)
+    monkeypatch.setattr(run_module, "mem_available_bytes", lambda *a: 100_000)
+    result = invoke(run_app, *run_args(toy, path, tmp_path / "out"), "--data-kind",
+                    "amplitude", "--hdf5-x", "xcoords", "--hdf5-y", "ycoords",
+                    "--hdf5-diffraction", "diffraction")
+    error_line(result, EXIT_BAD_INPUT, str(path), "dataset 'diffraction' declares 400 frames",
+               "more than the 0.0 GiB available")
+    assert not (tmp_path / "out").exists()
