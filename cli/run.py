@@ -207,6 +207,11 @@ def run_command(
         if self_check:
             _echo_self_check(report["self_check"])
         _echo_quality(report.get("quality") or {})
+        consistency = report.get("consistency") or {}
+        if "r_factor" in consistency:
+            from runtime.consistency import summary_line as consistency_line
+
+            typer.echo(consistency_line(consistency))
         files = ", ".join(report["files"])
         typer.echo(f"wrote {outdir}/ ({files})")
         if report.get("ptychodus_product"):

@@ -25,6 +25,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 
 from runtime.atomic import ensure_replaceable, output_lock, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
+from runtime.consistency import ConsistencyAccumulator
 from runtime.errors import EXIT_USAGE, ArtifactError, DataError, ParityError, PtychoError, naming
 from runtime.grouping import group_neighbours
 from runtime.image_quality import (
@@ -49,7 +51,7 @@ from runtime.inputs import (
     open_input,
     write_ptychodus_product,
 )
-from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
+from runtime.manifest import ArtifactSpec, check_provenance, load_artifact, verify_file
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -610,6 +612,44 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         return _run_scan(artifact, data_path, outdir, **options)
 
 
+@dataclass
+class PhysicsSession:
+    """physics.onnx of the artifact: predicted diffraction amplitude of each patch."""
+
+    session: Any
+    inputs: tuple[str, str]
+    output: str
+    batch: int | None
+
+    def predict(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+        real = len(amplitude)
+        if self.batch is not None and real < self.batch:  # a fixed batch: pad, then drop
+            amplitude = np.resize(amplitude, (self.batch, *amplitude.shape[1:]))
+            phase = np.resize(phase, (self.batch, *phase.shape[1:]))
+        feed = {self.inputs[0]: np.ascontiguousarray(amplitude, dtype=np.float32),
+                self.inputs[1]: np.ascontiguousarray(phase, dtype=np.float32)}
+        return self.session.run([self.output], feed)[0][:real]
+
+
+def open_physics(spec: ArtifactSpec, info: SessionInfo, threads: int | None,
+                 device_id: int) -> tuple[PhysicsSession | None, str]:
+    """The physics graph on the model's provider, or (None, why not)."""
+    facts = (spec.manifest.get("artifacts") or {}).get("physics")
+    if not isinstance(facts, dict) or not isinstance(facts.get("file"), str):
+        return None, ("the artifact has no physics graph (export with --with-physics to "
+                      "check every pattern against its measurement)")
+    if spec.channels != 1:
+        return None, ("gridsize > 1: the physics graph does not include the overlap step "
+                      "yet, so it cannot predict these patterns")
+    verify_file(spec.folder, facts["file"], spec.manifest.get("files") or {},
+                spec.manifest_path)
+    session, _ = create_session(spec.folder / facts["file"], info.provider, threads,
+                                device_id=device_id)
+    inputs = tuple(facts.get("inputs") or ("amplitude", "phase"))
+    return PhysicsSession(session, inputs, str(facts.get("output", "predicted_diffraction")),
+                          spec.batch), ""
+
+
 def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str],
              outdir: str | os.PathLike[str], provider: str = "auto",
              batch_size: int | None = None, threads: int | None = None,
@@ -692,6 +732,8 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
             f"{p}: {', '.join(f'{op}x{k}' for op, k in ops.items())}"
             for p, ops in off_ep.items()))
     runner = make_runner(session, info, spec)
+    physics, physics_why = open_physics(spec, info, threads, device_id)
+    consistency = ConsistencyAccumulator() if physics is not None else None
 
     check = None
     if self_check:
@@ -707,6 +749,11 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
                                              runner):
             stitcher.add(out["amplitude"][:, 0], out["phase"][:, 0],
                          anchor_positions[start:stop])
+            if consistency is not None:
+                t_phys = time.perf_counter()
+                consistency.add(scan.amplitudes[groups[start:stop]],
+                                physics.predict(out["amplitude"], out["phase"]))
+                consistency.seconds += time.perf_counter() - t_phys
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=stop,
                        rate=f"{stop / elapsed:,.0f} patterns/s" if elapsed > 0 else "")
@@ -714,6 +761,13 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     # Overlapped, the stitching hides behind the next batches: only the wait for its
     # last batch is not inference.
     infer_s = time.perf_counter() - t0 - (stitcher.waited if overlap else add_s)
+    if consistency is not None:
+        infer_s -= consistency.seconds
+        consistency_report = consistency.report(anchor_positions)
+        consistency_report["seconds_per_inference_second"] = round(
+            consistency.seconds / infer_s, 4) if infer_s > 0 else None
+    else:
+        consistency_report = {"status": "not computed", "reason": physics_why}
 
     t1 = time.perf_counter()
     stitched = accumulator.result()
@@ -752,6 +806,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
                    "well_lit_threshold": WELL_LIT_THRESHOLD},
         "self_check": check if check is not None else {"status": "SKIPPED"},
         "quality": quality,
+        "consistency": consistency_report,
         "outdir": str(outdir),
         "files": list(OUTPUT_FILES),
         "ptychodus_product": None if inputs.ptychodus_product is None

@@ -1,0 +1,116 @@
+"""Data consistency at deployment: per-pattern R-factor and Poisson deviance from the
+artifact's physics graph, checked against a float64 reference and shown to separate a
+scan like the training one from scans the model has not seen the like of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.consistency import ConsistencyAccumulator, pattern_figures, robust_outliers
+
+
+def test_figures_match_a_float64_reference() -> None:
+    rng = np.random.default_rng(0)
+    measured = np.sqrt(rng.poisson(50.0, (3, 1, 8, 8))).astype(np.float32)
+    predicted = (measured * rng.uniform(0.8, 1.2, measured.shape)).astype(np.float32)
+    predicted[0, 0, 0, 0] = 0.0  # a dark predicted pixel: the floor keeps log finite
+    got = pattern_figures(measured, predicted)
+    for i in range(3):
+        a = measured[i, 0].astype(np.float64)
+        p = predicted[i, 0].astype(np.float64)
+        r = np.abs(a - p).sum() / a.sum()
+        dev = 0.0
+        for y, lam in zip((a * a).ravel(), np.maximum(p * p, 1e-12).ravel(), strict=True):
+            dev += 2 * ((y * np.log(y / lam) if y > 0 else 0.0) - (y - lam))
+        assert got["r_factor"][i] == pytest.approx(r, rel=1e-12)
+        assert got["deviance_per_pixel"][i] == pytest.approx(dev / 64, rel=1e-12)
+
+
+def test_a_perfect_prediction_scores_zero_and_outliers_are_robust() -> None:
+    a = np.full((4, 1, 8, 8), 3.0, dtype=np.float32)
+    figures = pattern_figures(a, a)
+    assert np.allclose(figures["r_factor"], 0) and np.allclose(figures["deviance_per_pixel"], 0)
+    values = np.array([0.10, 0.11, 0.09, 0.10, 0.12, 0.10, 0.95])
+    index, threshold = robust_outliers(values, 5.0)
+    assert list(index) == [6] and 0.12 < threshold < 0.95
+
+
+def _scan(path: Path, kind: str, seed: int, probe_diameter: float = 12.0) -> Path:
+    from ptycho_export.data.simulate import SimulationConfig, simulate_scan
+    from runtime.scan import save_scan
+
+    save_scan(path, simulate_scan(SimulationConfig(
+        patch_size=32, grid_shape=(12, 12), step_px=4, probe_diameter_px=probe_diameter,
+        defocus=3.2, object_kind=kind, seed=seed)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A model that fits its data (the residual only means something then): the small
+    CNN, 300 steps on a 12 x 12 smooth-object scan (about 10 s); exported with physics."""
+    pytest.importorskip("torch")
+    pytest.importorskip("lightning")
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+    from ptycho_export.train import TrainOptions, train
+
+    folder = tmp_path_factory.mktemp("fitted")
+    scan = _scan(folder / "scan.npz", "smooth", 1)
+    train(scan, folder / "b.zip", folder / "run", TrainOptions(
+        preset="small", steps=300, guide=False, seed=0, accelerator="cpu", devices=1,
+        progress=False))
+    export_bundle(folder / "b.zip", folder / "art",
+                  ExportOptions(formats=["onnx"], with_physics=True))
+    return folder / "art", scan
+
+
+def _residual(art: Path, scan: Path, out: Path) -> dict:
+    from runtime.run import run_scan
+
+    return run_scan(art, scan, out, provider="cpu", progress=False)["consistency"]
+
+
+def test_the_residual_separates_scans_the_model_has_not_seen(fitted: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    art, scan = fitted
+    own = _residual(art, scan, tmp_path / "own")
+    same_kind = _residual(art, _scan(tmp_path / "same.npz", "smooth", 11), tmp_path / "same")
+    other = _residual(art, _scan(tmp_path / "lines.npz", "lines", 12), tmp_path / "lines")
+    wide = _residual(art, _scan(tmp_path / "wide.npz", "smooth", 13, probe_diameter=20.0),
+                     tmp_path / "wide")
+    assert own["patterns"] == 144 and own["outlier_rule"].startswith("R-factor > median + 5")
+    assert own["seconds"] > 0 and own["seconds_per_inference_second"] is not None
+    median = {k: v["r_factor"]["median"] for k, v in
+              (("own", own), ("same", same_kind), ("lines", other), ("wide", wide))}
+    # measured (2-core EPYC): own 0.127, unseen smooth 0.141, lines 0.226; docs/quality.md
+    print({k: round(v, 3) for k, v in median.items()}, round(own["deviance_per_pixel"]["median"], 1),
+          round(other["deviance_per_pixel"]["median"], 1), own["seconds_per_inference_second"])
+    assert median["same"] < 1.3 * median["own"], median
+    assert median["lines"] > 1.4 * max(median["own"], median["same"]), median
+    assert median["wide"] > 2 * median["own"], median
+    assert other["deviance_per_pixel"]["median"] > 3 * own["deviance_per_pixel"]["median"]
+
+
+def test_without_a_physics_graph_the_report_says_why(trained_bundle: Path,
+                                                      tmp_path: Path) -> None:
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+
+    export_bundle(trained_bundle, tmp_path / "plain", ExportOptions(formats=["onnx"]))
+    plain = _residual(tmp_path / "plain", trained_bundle.parent / "scan.npz", tmp_path / "p")
+    assert plain["status"] == "not computed" and "--with-physics" in plain["reason"]
+
+
+def test_accumulator_report_lists_outliers_with_positions() -> None:
+    acc = ConsistencyAccumulator()
+    a = np.full((5, 1, 4, 4), 2.0)
+    p = a.copy()
+    p[:4] *= 1.01
+    p[4] *= 2.0
+    acc.add(a, p)
+    report = acc.report(np.arange(10.0).reshape(5, 2))
+    assert report["outliers"] == 1
+    assert report["outlier_patterns"][0]["pattern"] == 4
+    assert report["outlier_patterns"][0]["position_px"] == [8.0, 9.0]
