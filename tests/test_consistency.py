@@ -86,8 +86,6 @@ def test_the_residual_separates_scans_the_model_has_not_seen(fitted: tuple[Path,
     median = {k: v["r_factor"]["median"] for k, v in
               (("own", own), ("same", same_kind), ("lines", other), ("wide", wide))}
     # measured (2-core EPYC): own 0.127, unseen smooth 0.141, lines 0.226; docs/quality.md
-    print({k: round(v, 3) for k, v in median.items()}, round(own["deviance_per_pixel"]["median"], 1),
-          round(other["deviance_per_pixel"]["median"], 1), own["seconds_per_inference_second"])
     assert median["same"] < 1.3 * median["own"], median
     assert median["lines"] > 1.4 * max(median["own"], median["same"]), median
     assert median["wide"] > 2 * median["own"], median
