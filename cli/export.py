@@ -31,8 +31,11 @@ def export_command(
     precision: Annotated[str, typer.Option(help="fp32; fp16 (all formats) or bf16 "
                                            "(torchscript, pt2), each with its own tolerance.")
                          ] = "fp32",
-    with_physics: Annotated[bool, typer.Option(help="Also export physics.onnx: object patch "
-                                               "-> predicted diffraction amplitude.")] = False,
+    with_physics: Annotated[bool | None, typer.Option(
+        "--with-physics/--no-physics", help="Also export physics.onnx (object patch -> "
+        "predicted diffraction amplitude), which ptycho-run uses to check every pattern "
+        "against its measurement. Default: on for bundles; not available with "
+        "--model-class.")] = None,
     fft_impl: Annotated[str, typer.Option(help="Physics FFT: matmul (every provider) or dft "
                                           "(ONNX DFT op; CPU only in onnxruntime).")
                         ] = "matmul",
@@ -141,7 +144,8 @@ def export_command(
                 init_args=init_args, safe_global=safe_global or (),
                 cast_float64=cast_float64, golden_inputs=golden_inputs, input_max=input_max,
                 formats=format, batch=batch, opset=opset, precision=precision,
-                with_physics=with_physics, amplitude_tol=amplitude_tol, phase_tol=phase_tol,
+                with_physics=bool(with_physics), amplitude_tol=amplitude_tol,
+                phase_tol=phase_tol,
                 allow_trace_warning=allow_trace_warning or (),
                 input_scale=input_scale or (), force=force,
                 command=shlex.join(["ptycho-export", *sys.argv[1:]]), log=typer.echo)
@@ -150,7 +154,8 @@ def export_command(
         triton = format == "triton"
         options = ExportOptions(formats=["onnx"] if triton else parse_formats(format),
                                 batch=batch, opset=opset,
-                                precision=precision, with_physics=with_physics,
+                                precision=precision,
+                                with_physics=True if with_physics is None else with_physics,
                                 fft_impl=fft_impl, tolerances=tolerances,
                                 command=shlex.join(["ptycho-export", *sys.argv[1:]]),
                                 allow_trace_warnings=list(allow_trace_warning or ()),

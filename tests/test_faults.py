@@ -117,9 +117,18 @@ def test_export_interrupted_at_every_stage(tmp_path: Path, tiny_bundle: Path,
 @pytest.mark.parametrize("stage", TRAIN_STAGES)
 def test_train_terminated_at_every_stage(tmp_path: Path, scan_file: Path,  # noqa: F811
                                          monkeypatch: pytest.MonkeyPatch, stage: str) -> None:
+    import io
+    import logging
+
     from cli.train import app as train_app
     from ptycho_export import train as train_module
 
+    # Lightning's log handlers keep the stream they met at import; an earlier in-process
+    # CLI test may have closed it. Its INFO lines are not what is tested here.
+    for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler):
+                monkeypatch.setattr(handler, "stream", io.StringIO())
     bundle = tmp_path / "bundle.zip"
     bundle.write_bytes(b"the previous bundle")
     monkeypatch.setattr(train_module, stage, _raiser(Terminated))
