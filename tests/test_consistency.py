@@ -112,3 +112,19 @@ def test_accumulator_report_lists_outliers_with_positions() -> None:
     assert report["outliers"] == 1
     assert report["outlier_patterns"][0]["pattern"] == 4
     assert report["outlier_patterns"][0]["position_px"] == [8.0, 9.0]
+
+
+def test_bundle_exports_carry_the_physics_graph_by_default(tiny_bundle: Path,
+                                                           tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from typer.testing import CliRunner
+
+    from cli.export import app as export_app
+
+    default = CliRunner().invoke(export_app, [str(tiny_bundle), "-o", str(tmp_path / "a")])
+    assert default.exit_code == 0, default.output
+    assert (tmp_path / "a" / "physics.onnx").is_file()
+    skipped = CliRunner().invoke(export_app, [str(tiny_bundle), "--no-physics", "-o",
+                                              str(tmp_path / "b")])
+    assert skipped.exit_code == 0, skipped.output
+    assert not (tmp_path / "b" / "physics.onnx").exists()
