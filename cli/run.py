@@ -119,6 +119,9 @@ def run_command(
         help="Also write a ptychodus product (.h5 or .npz): object with its pixel geometry "
         "and centre, probe, positions, metadata. Needs the pixel size (and energy/distance "
         "unless the input is a ptychodus folder).")] = None,
+    max_residual: Annotated[float | None, typer.Option(
+        help="Exit 6 (after writing the outputs) when the scan's median data-consistency "
+        "R-factor is above this; needs an artifact with physics.onnx.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace -o even when it is a folder ptycho-run did not write "
         "(default: refused, so no one's files are deleted).")] = False,
@@ -188,7 +191,7 @@ def run_command(
                           threads=threads, self_check=self_check, progress=progress,
                           log_level=2 if verbose else 3, subpixel=subpixel,
                           device_id=device_id, inputs=_inputs(), model_format=fmt,
-                          force=force)
+                          force=force, max_residual=max_residual)
         info = report["provider"]
         counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
         runtime_name = "" if info.get("runtime", "onnxruntime") == "onnxruntime" else \

@@ -182,6 +182,32 @@ def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
             "phase": phase.numpy(), "group_index": index.astype(np.int64)}
 
 
+def consistency_reference(net: torch.nn.Module, datamodule: ScanDataModule, probe: np.ndarray,
+                          normalization: Any, batch: int = 256) -> dict[str, Any] | None:
+    """The data-consistency figures (runtime.consistency) of the trained model on its own
+    training scan, through the same physics the export writes: what "normal" looks like,
+    stored with the bundle so ptycho-run can say when a scan is far outside it."""
+    if datamodule.amplitudes.shape[1] != 1:
+        return None  # gridsize > 1: the physics graph has no overlap step yet
+    from ptycho_export.export.wrapper import MatmulPhysicsWrapper
+    from runtime.consistency import ConsistencyAccumulator
+
+    physics = MatmulPhysicsWrapper(probe.astype(np.complex128),
+                                   normalization.amplitude_scale,
+                                   normalization.probe_scale).eval()
+    net = net.to("cpu", torch.float32).eval()
+    accumulator = ConsistencyAccumulator()
+    with torch.inference_mode():
+        for start in range(0, len(datamodule.amplitudes), batch):
+            measured = datamodule.amplitudes[start:start + batch].float()
+            amplitude, phase = net(measured)
+            accumulator.add(measured.numpy(), physics(amplitude, phase).numpy())
+    report = accumulator.report()
+    return {"patterns": report["patterns"], "r_factor": report["r_factor"],
+            "deviance_per_pixel": report["deviance_per_pixel"],
+            "source": "the training scan, every pattern, eager float32"}
+
+
 def _write_json(path: Path, payload: Any) -> None:
     with write_atomic(path, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(payload, indent=2, sort_keys=True))
@@ -462,13 +488,15 @@ def train(
         if not history.rows:
             history.rows = history_from_csv(logger.log_dir)
         golden = golden_samples(module, datamodule, options.golden_count)
+        reference = consistency_reference(module.net, datamodule, scan.probe, normalization)
         write_bundle(
             bundle_path, config=config, normalization=normalization,
             state_dict=module.net.state_dict(), probe=scan.probe, golden=golden,
             training={k: v for k, v in asdict(options).items() if k != "extra"}
             | {"epochs_run": trainer.current_epoch, "steps_run": trainer.global_step,
                "plan": {k: (str(v) if k == "max_time" else v) for k, v in plan.items()},
-               "guide": guide_record, "history": history.rows},
+               "guide": guide_record, "history": history.rows,
+               "consistency_reference": reference},
             data={"source": Path(scan.source).name if scan.source else "<memory>",
                   "sha256": sha256_file(data_path) if data_path else None,
                   "n_patterns": scan.n_patterns, "patch_size": scan.patch_size,

@@ -13,6 +13,7 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_ENVIRONMENT = 4
 EXIT_PARITY = 5
+EXIT_RESIDUAL = 6  # ptycho-run --max-residual: the outputs were written, but do not fit
 
 
 class PtychoError(Exception):

@@ -36,7 +36,15 @@ import numpy as np
 from runtime.atomic import ensure_replaceable, output_lock, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.consistency import ConsistencyAccumulator
-from runtime.errors import EXIT_USAGE, ArtifactError, DataError, ParityError, PtychoError, naming
+from runtime.errors import (
+    EXIT_RESIDUAL,
+    EXIT_USAGE,
+    ArtifactError,
+    DataError,
+    ParityError,
+    PtychoError,
+    naming,
+)
 from runtime.grouping import group_neighbours
 from runtime.image_quality import (
     WELL_LIT_RULE,
@@ -612,6 +620,34 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         return _run_scan(artifact, data_path, outdir, **options)
 
 
+class ResidualTooHigh(PtychoError):
+    """--max-residual: the scan's data-consistency residual is above the pipeline's limit
+    (the outputs were written; exit 6 lets a pipeline stop there)."""
+
+    exit_code = EXIT_RESIDUAL
+
+
+def compare_with_training(report: dict[str, Any], reference: dict[str, Any] | None
+                          ) -> list[str]:
+    """Record the training scan's figures beside the scan's, and warn when the scan's
+    median R-factor is above the training scan's 95th percentile."""
+    if not isinstance(reference, dict) or "r_factor" not in reference:
+        report["reference"] = None
+        return []
+    ref = reference["r_factor"]
+    median = report["r_factor"]["median"]
+    outside = bool(median > ref["p95"])
+    report["reference"] = {"r_factor": ref, "source": reference.get("source"),
+                           "rule": "out of distribution when the scan's median R-factor is "
+                                   "above the training scan's p95",
+                           "out_of_distribution": outside}
+    if not outside:
+        return []
+    return [f"the median R-factor {median:.3f} is above the training scan's 95th percentile "
+            f"{ref['p95']:.3f} (its median {ref['median']:.3f}): this scan is out of what the "
+            "model saw in training; do not trust the reconstruction without checking it"]
+
+
 @dataclass
 class PhysicsSession:
     """physics.onnx of the artifact: predicted diffraction amplitude of each patch."""
@@ -659,7 +695,8 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
              session_cache: dict[tuple, tuple[Any, Any, dict]] | None = None,
              inputs: InputOptions | None = None,
              model_format: str | None = None,
-             overlap_stitch: bool | None = None, force: bool = False) -> dict[str, Any]:
+             overlap_stitch: bool | None = None, force: bool = False,
+             max_residual: float | None = None) -> dict[str, Any]:
     """Reconstruct ``data_path`` with ``artifact`` into ``outdir``; return the report.
 
     Everything that can be wrong with the inputs is found before the output folder is
@@ -734,6 +771,9 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     runner = make_runner(session, info, spec)
     physics, physics_why = open_physics(spec, info, threads, device_id)
     consistency = ConsistencyAccumulator() if physics is not None else None
+    if max_residual is not None and consistency is None:
+        raise RunUsageError(f"--max-residual needs the data-consistency check, which this "
+                            f"artifact cannot run: {physics_why}")
 
     check = None
     if self_check:
@@ -766,6 +806,8 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
         consistency_report = consistency.report(anchor_positions)
         consistency_report["seconds_per_inference_second"] = round(
             consistency.seconds / infer_s, 4) if infer_s > 0 else None
+        warnings.extend(compare_with_training(consistency_report,
+                                              spec.manifest.get("consistency_reference")))
     else:
         consistency_report = {"status": "not computed", "reason": physics_why}
 
@@ -828,4 +870,9 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
         raise
     # After the swap, so a product path inside the output folder survives it.
     write_ptychodus_product(inputs, loaded, stitched, data_path, spec.model_sha256)
+    median = (consistency_report.get("r_factor") or {}).get("median")
+    if max_residual is not None and median is not None and not median <= max_residual:
+        raise ResidualTooHigh(f"{data_path}: median R-factor {median:.3f} is above "
+                              f"--max-residual {max_residual:g}; the reconstruction in "
+                              f"{outdir} was written, but does not fit its measurements")
     return report

@@ -128,3 +128,38 @@ def test_bundle_exports_carry_the_physics_graph_by_default(tiny_bundle: Path,
                                               str(tmp_path / "b")])
     assert skipped.exit_code == 0, skipped.output
     assert not (tmp_path / "b" / "physics.onnx").exists()
+
+
+def test_training_reference_flags_an_out_of_distribution_scan(fitted: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    from runtime.run import ResidualTooHigh, run_scan
+
+    art, scan = fitted
+    own = run_scan(art, scan, tmp_path / "own", provider="cpu", progress=False)
+    reference = own["consistency"]["reference"]
+    assert reference["r_factor"]["median"] == pytest.approx(
+        own["consistency"]["r_factor"]["median"], rel=0.05)  # the same scan, eager vs ONNX
+    assert reference["out_of_distribution"] is False
+    assert not any("out of what the model saw" in w for w in own["warnings"])
+    wide = _scan(tmp_path / "wide.npz", "smooth", 13, probe_diameter=20.0)
+    odd = run_scan(art, wide, tmp_path / "wide", provider="cpu", progress=False)
+    assert odd["consistency"]["reference"]["out_of_distribution"] is True
+    assert any("above the training scan's 95th percentile" in w for w in odd["warnings"])
+    # --max-residual: exit 6 for pipelines, the outputs written all the same
+    with pytest.raises(ResidualTooHigh) as caught:
+        run_scan(art, wide, tmp_path / "limited", provider="cpu", progress=False,
+                 max_residual=0.25)
+    assert caught.value.exit_code == 6 and "above --max-residual 0.25" in str(caught.value)
+    assert (tmp_path / "limited" / "report.json").is_file()
+    run_scan(art, scan, tmp_path / "fine", provider="cpu", progress=False, max_residual=0.25)
+
+
+def test_max_residual_needs_the_physics_graph(trained_bundle: Path, tmp_path: Path) -> None:
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+    from runtime.run import RunUsageError, run_scan
+
+    export_bundle(trained_bundle, tmp_path / "plain", ExportOptions(formats=["onnx"]))
+    with pytest.raises(RunUsageError, match="--max-residual needs the data-consistency"):
+        run_scan(tmp_path / "plain", trained_bundle.parent / "scan.npz", tmp_path / "out",
+                 provider="cpu", progress=False, max_residual=0.2)
+    assert not (tmp_path / "out").exists()

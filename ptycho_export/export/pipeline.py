@@ -488,6 +488,8 @@ def export_bundle(bundle_path: str | os.PathLike, outdir: str | os.PathLike,
         "origin_convention": ORIGIN_CONVENTION,
         "fft": {"implementation": "dft-matmul (training physics)", "norm": "ortho",
                 "shift": "centred (fftshift)"},
+        "consistency_reference": (bundle.training.get("consistency_reference")
+                                  if options.with_physics else None),
         "probe_sha256": hashlib.sha256(bundle.probe.tobytes()).hexdigest(),
         "probe": {"file": "probe.npy", "dtype": "complex64", "shape": [n, n],
                   "sha256_of_values": hashlib.sha256(bundle.probe.tobytes()).hexdigest(),
