@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime import memory
 from runtime.detector import (
     DATA_KINDS,
     crop_window,
@@ -222,10 +223,8 @@ def _bad_pixel_mask(h5: Any, path: str, shape: tuple[int, int], window: slice, s
 def _check_fits(total: int, n: int, source: str, path: str) -> None:
     """The float32 amplitudes a dataset's declared shape asks for must fit in memory: a
     chunked, compressed dataset can declare 10^7 frames in a 160 MB file."""
-    from runtime.run import mem_available_bytes
-
     need = total * n * n * 4
-    free = mem_available_bytes()
+    free = memory.mem_available_bytes()
     if free is not None and need > free:
         raise _fail(source, path, f"declares {total} frames of {n}x{n}: {need / (1 << 30):.1f} "
                                   f"GiB of float32 amplitudes, more than the "

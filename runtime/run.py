@@ -60,6 +60,7 @@ from runtime.inputs import (
     write_ptychodus_product,
 )
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact, verify_file
+from runtime.memory import mem_available_bytes
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -155,19 +156,6 @@ def choose_batch(per_pattern: int, budget: int | None, cap: int = MAX_AUTO_BATCH
     while batch > 1 and batch * per_pattern > budget:
         batch //= 2
     return batch
-
-
-def mem_available_bytes(meminfo: str | os.PathLike[str] = "/proc/meminfo") -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), or None where there is none."""
-    try:
-        with open(meminfo, encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    value, *unit = line.split()[1:]
-                    return int(value) * (1024 if unit[:1] == ["kB"] else 1)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    return None
 
 
 def _gib(n: float) -> str:

@@ -1020,7 +1020,6 @@ def test_hdf5_declaring_more_frames_than_memory_is_refused_before_reading(
     """A chunked, compressed dataset can declare 10^7 frames in a 160 MB file: it used to
     fail only when the 153 GiB array was allocated."""
     h5py = pytest.importorskip("h5py")
-    import runtime.run as run_module
 
     path = tmp_path / "declared.h5"
     with h5py.File(path, "w") as f:
@@ -1028,7 +1027,9 @@ def test_hdf5_declaring_more_frames_than_memory_is_refused_before_reading(
                          compression="gzip")
         f["xcoords"] = np.zeros(400)
         f["ycoords"] = np.zeros(400)
-    monkeypatch.setattr(run_module, "mem_available_bytes", lambda *a: 100_000)
+    import runtime.memory
+
+    monkeypatch.setattr(runtime.memory, "mem_available_bytes", lambda *a: 100_000)
     result = invoke(run_app, *run_args(toy, path, tmp_path / "out"), "--data-kind",
                     "amplitude", "--hdf5-x", "xcoords", "--hdf5-y", "ycoords",
                     "--hdf5-diffraction", "diffraction")

@@ -137,8 +137,8 @@ def load_checkpoint(path: str | os.PathLike, safe_globals: Iterable[Any] = (), *
     allowed = _safe_objects(safe_globals)
     try:
         with torch.serialization.safe_globals(allowed):
-            return torch.load(io.BytesIO(data) if data is not None else str(path),
-                              map_location="cpu", weights_only=True)
+            source = io.BytesIO(data) if data is not None else str(path)
+            return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         name = found.group(1) if found else ""

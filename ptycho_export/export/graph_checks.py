@@ -57,13 +57,14 @@ class SuspectOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def flat_tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) result, complex ones as real views."""
     if isinstance(value, torch.Tensor):
         return [torch.view_as_real(value) if value.is_complex() else value]
     if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in flat_tensors(item)]
     if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
+        return [t for item in value.values() for t in flat_tensors(item)]
     return []
 
 
@@ -90,9 +91,9 @@ def behaviour_findings(module: nn.Module, example: tuple[torch.Tensor, ...],
     differently."""
     recorder = SuspectOps()
     with torch.inference_mode(), recorder:
-        first = _tensors(module(*example))
-        second = _tensors(module(*example))
-        alone = [_tensors(module(*(t[i:i + 1] for t in example)))
+        first = flat_tensors(module(*example))
+        second = flat_tensors(module(*example))
+        alone = [flat_tensors(module(*(t[i:i + 1] for t in example)))
                  for i in range(example[0].shape[0])]
     findings = []
     spread = _relative(first, second)
@@ -135,7 +136,7 @@ def float64_in_program(program: torch.export.ExportedProgram) -> list[str]:
     lifted.update(getattr(signature, "inputs_to_buffers", {}) or {})
     found = []
     for node in program.graph.nodes:
-        if not any(t.dtype == torch.float64 for t in _tensors(node.meta.get("val"))):
+        if not any(t.dtype == torch.float64 for t in flat_tensors(node.meta.get("val"))):
             continue
         trace = node.meta.get("stack_trace")
         if node.op == "placeholder":  # a constant has no trace of its own: its first use

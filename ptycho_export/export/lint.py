@@ -29,6 +29,7 @@ from ptycho_export.export.graph_checks import (
     BEHAVIOUR_TOLERANCE,
     REDUCED_BEHAVIOUR_TOLERANCE,
     behaviour_findings,
+    flat_tensors,
     float64_in_program,
     float64_in_trace,
     float64_refusal,
@@ -213,16 +214,6 @@ def baked_devices(traced: torch.jit.ScriptModule) -> list[str]:
             f"{_source_of(node)}" for node in _device_constants(traced.inlined_graph)][:3]
 
 
-def _flat_tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [torch.view_as_real(value) if value.is_complex() else value]
-    if isinstance(value, list | tuple):
-        return [t for item in value for t in _flat_tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _flat_tensors(item)]
-    return []
-
-
 def _fresh_inputs(example: tuple[torch.Tensor, ...], dynamic_batch: bool
                   ) -> Iterator[tuple[str, tuple[torch.Tensor, ...]]]:
     """The example's rows cycled to other batch sizes (when the batch is dynamic) and
@@ -243,10 +234,10 @@ def trace_difference(traced: torch.jit.ScriptModule, module: nn.Module,
     with torch.inference_mode():
         for label, feed in _fresh_inputs(example, dynamic_batch):
             try:
-                got = _flat_tensors(traced(*feed))
+                got = flat_tensors(traced(*feed))
             except Exception as err:  # noqa: BLE001 - a failing trace is the finding
                 return f"the trace fails at {label}: {_first_line(err)}"
-            want = _flat_tensors(module(*feed))
+            want = flat_tensors(module(*feed))
             if len(got) != len(want):
                 return f"the trace returns {len(got)} outputs, eager {len(want)}"
             for i, (g, w) in enumerate(zip(got, want, strict=True)):
