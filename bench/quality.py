@@ -61,6 +61,9 @@ def run_case(work: Path, spec: ScanSpec, preset: str, gridsize: int,
         "train_s": round(train_s, 1),
         "steps": result.steps, "plan": result.plan_how,
         "fit": result.quality.get("fit"),
+        "budget_min": max_minutes,
+        # the training-only object solve, scored the same way: the network's ceiling
+        "object_solve": result.quality.get("object_solve"),
         "quality": _figures(seen["quality"], with_curve=True),
         "unseen": _figures(unseen["quality"]),
         "ort_cpu_patterns_per_s": seen["patterns_per_s"],
@@ -101,10 +104,15 @@ def markdown(results: dict[str, Any]) -> str:
         "half-period in pixels. Targets: amplitude and phase correlation ≥ 0.9 and "
         "amplitude SSIM ≥ 0.9.",
         "",
-        "| kind | photons | grid | preset | train s | amp SSIM | amp PSNR dB | amp corr | "
-        "phase SSIM | phase corr | phase RMSE rad (flat) | FRC px | unseen amp corr | "
-        "unseen phase corr | loss / floor | ORT CPU patt/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "*solve*: the object that the training solves for its guide (training only, never "
+        "exported), stitched and scored the same way: what a network that matched it "
+        "would reach.",
+        "",
+        "| kind | photons | grid | preset | train s | steps | amp SSIM | amp PSNR dB | "
+        "amp corr | phase SSIM | phase corr | phase RMSE rad (flat) | FRC px | "
+        "solve amp SSIM / corr / phase corr | unseen amp corr | unseen phase corr | "
+        "loss / floor | ORT CPU patt/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in results["cases"]:
         if "error" in case:
@@ -114,13 +122,18 @@ def markdown(results: dict[str, Any]) -> str:
         m, flat = case["quality"]["model"], case["quality"]["flat_baseline"]
         u = case["unseen"]["model"]
         fit = case.get("fit") or {}
+        solve = case.get("object_solve") or {}
+        solve_cell = " / ".join(_cell(solve.get(k)) for k in
+                                ("amplitude_ssim", "amplitude_corr", "phase_corr"))
         lines.append(
             f"| {case['kind']} | {case['photons']:.0e} | {case['gridsize']} | {case['preset']} "
-            f"| {case['train_s']:.0f} | {_cell(m['amplitude_ssim'])} | "
+            f"| {case['train_s']:.0f} | {case.get('steps', '–')} | "
+            f"{_cell(m['amplitude_ssim'])} | "
             f"{_cell(m['amplitude_psnr_db'], '.1f')} | {_cell(m['amplitude_corr'])} | "
             f"{_cell(m['phase_ssim'])} | {_cell(m['phase_corr'])} | "
             f"{_cell(m['phase_rmse_rad'])} ({_cell(flat['phase_rmse_rad'])}) | "
-            f"{_cell(m['frc_resolution_px'], '.2f')} | {_cell(u['amplitude_corr'])} | "
+            f"{_cell(m['frc_resolution_px'], '.2f')} | {solve_cell} | "
+            f"{_cell(u['amplitude_corr'])} | "
             f"{_cell(u['phase_corr'])} | {_cell(fit.get('likelihood_over_floor'), '.1f')} | "
             f"{_cell(case['ort_cpu_patterns_per_s'], '.0f')} |")
     warned = [c for c in results["cases"] if c.get("warnings")]
@@ -158,14 +171,54 @@ def frc_plot(path: Path, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def time_curve_plot(path: Path, results: dict[str, Any]) -> None:
+    """Quality against training time, one line per figure and case family, with the
+    object solve's figures (the network's ceiling) as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[tuple, list[dict[str, Any]]] = {}
+    for case in results["cases"]:
+        if "error" not in case:
+            key = (case["kind"], case["photons"], case["gridsize"], case["preset"])
+            families.setdefault(key, []).append(case)
+    figures = (("amplitude_ssim", "amplitude SSIM"), ("amplitude_corr", "amplitude corr"),
+               ("phase_corr", "phase corr"))
+    fig, axes = plt.subplots(1, len(figures), figsize=(12, 4), dpi=110, sharey=True)
+    for (kind, photons, grid, preset), cases in families.items():
+        cases = sorted(cases, key=lambda c: c["train_s"])
+        label = f"{kind} {photons:.0e} g{grid} {preset}"
+        for ax, (key, title) in zip(axes, figures, strict=True):
+            line, = ax.plot([c["train_s"] / 60 for c in cases],
+                            [c["quality"]["model"][key] for c in cases], "o-", label=label)
+            solve = cases[-1].get("object_solve") or {}
+            if solve.get(key) is not None:
+                ax.axhline(solve[key], color=line.get_color(), ls="--", lw=0.9)
+            ax.set_title(title)
+    for ax in axes:
+        ax.axhline(TARGETS["amplitude_ssim"], color="k", ls=":", lw=0.8)
+        ax.set_xlabel("training time (min, object solve included)")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("ptycho-run's stitched object vs truth")
+    axes[0].legend(fontsize=7, title="dashed: object solve; dotted: target", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default=",".join(OBJECT_KINDS))
     parser.add_argument("--doses", default="1e4,1e6", help="mean photons per pattern")
     parser.add_argument("--gridsizes", default="1")
     parser.add_argument("--presets", default="default")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="training budget per case (default: ptycho-train's own)")
+    parser.add_argument("--max-minutes", default=None,
+                        help="training budget per case, minutes; a comma list makes a "
+                             "quality-against-training-time curve (default: ptycho-train's "
+                             "own)")
     parser.add_argument("--defocus-rad", type=float, default=None,
                         help="probe defocus (pupil-edge phase, rad; default "
                              f"{ScanSpec().defocus_rad}: a bright core; 5: a broad disc)")
@@ -180,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     doses = [float(d) for d in args.doses.split(",")]
     gridsizes = [int(g) for g in args.gridsizes.split(",")]
     presets = args.presets.split(",")
+    budgets: list[float | None] = ([float(b) for b in args.max_minutes.split(",")]
+                                   if args.max_minutes else [None])
     if args.defocus_rad is not None:
         base = ScanSpec(defocus_rad=args.defocus_rad)
     if args.quick:
@@ -201,13 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         for photons in doses:
             for gridsize in gridsizes:
-                for preset in presets:
+                for preset, budget in ((p, b) for p in presets for b in budgets):
                     spec = ScanSpec(**{**base.to_dict(), "kind": kind, "photons": photons})
                     work = Path(tempfile.mkdtemp(prefix="ptycho-quality-"))
-                    label = f"{kind} {photons:.0e} gridsize {gridsize} {preset}"
+                    label = f"{kind} {photons:.0e} gridsize {gridsize} {preset}" + (
+                        f" {budget:g} min" if budget is not None else "")
                     print(f"[quality] {label} ...", flush=True)
                     try:
-                        case = run_case(work, spec, preset, gridsize, args.max_minutes, extra)
+                        case = run_case(work, spec, preset, gridsize, budget, extra)
                     except Exception as err:  # one failed case must not lose the others
                         case = {"kind": kind, "photons": photons, "gridsize": gridsize,
                                 "preset": preset, "error": " ".join(str(err).split())[:300]}
@@ -228,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     (stem.with_suffix(".md")).write_text(markdown(results))
     if any(c.get("quality", {}).get("model", {}).get("frc_curve") for c in results["cases"]):
         frc_plot(args.output / f"quality-{machine}-frc.png", results)
+    if len(budgets) > 1:
+        time_curve_plot(args.output / f"quality-{machine}-time.png", results)
     return 0 if all("error" not in c for c in results["cases"]) else 1
 
 

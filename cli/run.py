@@ -143,7 +143,7 @@ def run_command(
         from rich.console import Console
         from rich.table import Table
 
-        from runtime.many import run_many, summary_rows
+        from runtime.many import SUMMARY_COLUMNS, run_many, summary_rows
 
         if ptychodus_product is not None:
             raise RunUsageError("--ptychodus-product names one file: use it with one scan")
@@ -154,7 +154,7 @@ def run_command(
                             retries, log=typer.echo)
         table = Table(title=f"{len(outcomes)} scans"
                       + (f" on {scheduler}" if scheduler else " (sequential)"))
-        for column in ("scan", "status", "patterns", "patterns/s", "seconds", "output / error"):
+        for column in SUMMARY_COLUMNS:
             table.add_column(column)
         for row in summary_rows(outcomes):
             table.add_row(*row)

@@ -82,6 +82,12 @@ def train_command(
                        "Poisson noise floor")
         if quality.get("ground_truth"):
             typer.echo(f"vs ground truth: {summary_line(quality)}")
+            solve = quality.get("object_solve")
+            if solve:
+                typer.echo(f"the training-only object solve reached amplitude SSIM "
+                           f"{solve['amplitude_ssim']:.3f} corr {solve['amplitude_corr']:.3f}, "
+                           f"phase corr {solve['phase_corr']:.3f}: the ceiling for this "
+                           "network (train longer with --max-minutes to approach it)")
         for text in quality.get("warnings", []):
             typer.secho(f"warning: {text}", fg="yellow", err=True)
         typer.echo(f"next: ptycho-bundle inspect {result.bundle_path}")

@@ -649,6 +649,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     from ptycho_export.parity import eager_runner
     from ptycho_export.reconstruct import patch_per_position, stitch_with_probe
     from runtime.grouping import group_neighbours
+    from runtime.physics_check import consistency_of_outputs
     from runtime.scan import load_scan
 
     log = log or (lambda message: None)
@@ -703,6 +704,16 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     runners_info: list[dict[str, Any]] = []
     rows: list[CheckRow] = []
 
+    anchors = scan.positions_px[groups[:, 0]]
+
+    def residual(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Each runner's patches against the measurements (the artifact's physics graph):
+        a parity figure that needs no eager model."""
+        section = consistency_of_outputs(artifact_dir, scan.amplitudes[groups],
+                                         outputs["amplitude"], outputs["phase"], anchors)
+        section.pop("outlier_patterns", None)  # ptycho-run's report lists them
+        return section
+
     def run(runner: Any, label: str, tf32: bool = False) -> tuple[dict[str, np.ndarray], Any]:
         t0 = time.perf_counter()
         with tf32_mode(tf32), torch.inference_mode():
@@ -713,8 +724,11 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
                 outputs["phase"].shape and outputs["amplitude"].ndim == 4:
             recon = stitch_with_probe(
                 patch_per_position(outputs["amplitude"], outputs["phase"]), scan)
-        runners_info.append({"runner": label, "status": "ran", "seconds": seconds,
-                             "groups_per_s": len(groups) / seconds if seconds > 0 else None})
+        info = {"runner": label, "status": "ran", "seconds": seconds,
+                "groups_per_s": len(groups) / seconds if seconds > 0 else None}
+        if recon is not None:
+            info["consistency"] = residual(outputs)
+        runners_info.append(info)
         log(f"ran {label}: {len(groups)} groups in {seconds:.2f} s")
         return outputs, recon
 
@@ -900,6 +914,31 @@ def _fmt(value: Any) -> str:
     return "0" if value == 0 else f"{value:.2e}"
 
 
+def consistency_table(report: dict[str, Any]) -> Any:
+    """rich Table: each runner's patches against the measured patterns (median and p95
+    R-factor, outliers), or the one line saying why that was not computed."""
+    from rich.table import Table
+
+    ran = [r for r in report["runners"] if isinstance(r.get("consistency"), dict)]
+    computed = [r for r in ran if "r_factor" in r["consistency"]]
+    if not computed:
+        reason = next((r["consistency"].get("reason") for r in ran), None)
+        return f"data consistency: not computed ({reason or 'no runner produced patches'})"
+    table = Table(title="data consistency: each runner's patches against the measured "
+                        "patterns", title_justify="left", title_style="bold")
+    for name in ("runner", "median R", "p95 R", "outliers", "deviance / px", "vs training"):
+        table.add_column(name, justify="left" if name == "runner" else "right")
+    for r in computed:
+        c = r["consistency"]
+        reference = c.get("reference") or {}
+        table.add_row(r["runner"], f"{c['r_factor']['median']:.4f}",
+                      f"{c['r_factor']['p95']:.4f}", str(c["outliers"]),
+                      f"{c['deviance_per_pixel']['median']:.3g}",
+                      "" if not reference else "OUTSIDE" if reference["out_of_distribution"]
+                      else "in range")
+    return table
+
+
 def render_table(report: dict[str, Any]) -> Any:
     """rich renderables: one table per comparison kind, one row per runner x level with its
     worst numbers and verdict (the full numbers are in parity.json)."""
@@ -933,6 +972,7 @@ def render_table(report: dict[str, Any]) -> Any:
                 "" if bad is None else str(bad), f"[{style}]{row['status']}[/{style}]",
                 row["note"].split(" (")[0])  # parity.json has the whole reason
         tables.append(table)
+    tables.append(consistency_table(report))
     tables.append(
         f"gates: per patch, amplitude max error <= {patch_tol.get('amplitude_rel_max'):g} of "
         f"max|ref| and amplitude-weighted phase error <= "

@@ -32,7 +32,7 @@ from ptycho_export.export.formats import UsageError
 from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
-from ptycho_export.reconstruct import quality_report, reconstruct_eager
+from ptycho_export.reconstruct import quality_report, reconstruct_eager, stitch_with_probe
 from runtime.atomic import write_atomic, written_atomic
 from runtime.errors import DataError, EnvironmentProblem
 from runtime.scan import ScanData, load_scan
@@ -186,9 +186,9 @@ def consistency_reference(net: torch.nn.Module, datamodule: ScanDataModule, prob
                           normalization: Any, batch: int = 256) -> dict[str, Any] | None:
     """The data-consistency figures (runtime.consistency) of the trained model on its own
     training scan, through the same physics the export writes: what "normal" looks like,
-    stored with the bundle so ptycho-run can say when a scan is far outside it."""
-    if datamodule.amplitudes.shape[1] != 1:
-        return None  # gridsize > 1: the physics graph has no overlap step yet
+    stored with the bundle so ptycho-run can say when a scan is far outside it. At
+    gridsize > 1, each group's anchor patch (channel 0, the one ptycho-run stitches)
+    against its own pattern, as ptycho-run checks it."""
     from ptycho_export.export.wrapper import MatmulPhysicsWrapper
     from runtime.consistency import ConsistencyAccumulator
 
@@ -201,7 +201,7 @@ def consistency_reference(net: torch.nn.Module, datamodule: ScanDataModule, prob
         for start in range(0, len(datamodule.amplitudes), batch):
             measured = datamodule.amplitudes[start:start + batch].float()
             amplitude, phase = net(measured)
-            accumulator.add(measured.numpy(), physics(amplitude, phase).numpy())
+            accumulator.add(measured[:, :1].numpy(), physics(amplitude, phase)[:, :1].numpy())
     report = accumulator.report()
     return {"patterns": report["patterns"], "r_factor": report["r_factor"],
             "deviance_per_pixel": report["deviance_per_pixel"],
@@ -352,10 +352,11 @@ def plan_training(options: TrainOptions, module: PtychoModule, datamodule: ScanD
 
 
 def build_guide(scan: ScanData, datamodule: ScanDataModule, normalization: Any,
-                options: TrainOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """The solved object's patch for every group and channel, (G, C, N, N) complex64, and
-    a record of the solve. Solved from the training groups' anchor patterns only, so the
-    validation patterns stay unseen by both the network and its guide."""
+                options: TrainOptions) -> tuple[np.ndarray, dict[str, Any], np.ndarray]:
+    """The solved object's patch for every group and channel, (G, C, N, N) complex64, a
+    record of the solve, and the patch at every scan position (M, N, N). Solved from the
+    training groups' anchor patterns only, so the validation patterns stay unseen by both
+    the network and its guide."""
     from ptycho_export.object_solver import patches_at, solve_object
 
     started = time.perf_counter()
@@ -368,7 +369,21 @@ def build_guide(scan: ScanData, datamodule: ScanDataModule, normalization: Any,
     record = {"steps": solved.steps, "final_likelihood": solved.final_loss,
               "patterns": int(len(anchors)), "canvas": list(solved.obj.shape),
               "seconds": time.perf_counter() - started}
-    return patches[datamodule.groups], record
+    return patches[datamodule.groups], record, patches
+
+
+def object_solve_figures(patches: np.ndarray, scan: ScanData) -> dict[str, Any] | None:
+    """The solved object scored like the network (its patches stitched the same way), when
+    the scan has a ground truth: the ceiling of a network trained to agree with it, so a
+    report can say whether the network or the data limits the result."""
+    if scan.object_truth is None:
+        return None
+    report = quality_report(stitch_with_probe(patches, scan), scan)
+    if "model" not in report:
+        return None
+    keep = ("amplitude_ssim", "amplitude_psnr_db", "amplitude_corr", "phase_ssim",
+            "phase_corr", "phase_rmse_rad", "frc_resolution_px")
+    return {k: report["model"][k] for k in keep}
 
 
 def poisson_floor(amplitudes: np.ndarray, amplitude_scale: float, seed: int = 0,
@@ -444,9 +459,10 @@ def train(
     L.seed_everything(options.seed, workers=True, verbose=False)
     datamodule = ScanDataModule(scan, options.gridsize, options.batch_size,
                                 options.val_fraction, options.seed)
-    guide, guide_record = None, None
+    guide, guide_record, solved_patches = None, None, None
     if options.guide:
-        guide, guide_record = build_guide(scan, datamodule, normalization, options)
+        guide, guide_record, solved_patches = build_guide(scan, datamodule, normalization,
+                                                          options)
     module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
                           options.loss, datamodule.max_offset_px, guide=guide,
                           guide_weight=options.guide_weight)
@@ -506,6 +522,8 @@ def train(
             save_loss_curve(run / "loss_curve.png", history.rows, options.loss)
         predictor = load_predictor(read_bundle(bundle_path), "cpu")
         quality = quality_report(reconstruct_eager(predictor, scan), scan)
+        if solved_patches is not None and quality.get("ground_truth"):
+            quality["object_solve"] = object_solve_figures(solved_patches, scan)
         quality["fit"] = fit_report(history.rows, poisson_floor(
             scan.amplitudes, normalization.amplitude_scale, options.seed), options.loss)
         quality["warnings"] = quality.get("warnings", []) + quality["fit"].pop("warnings")

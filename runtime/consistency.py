@@ -99,3 +99,29 @@ def summary_line(report: dict[str, Any]) -> str:
     return (f"data consistency: median R-factor {r['median']:.3f} (p95 {r['p95']:.3f}), "
             f"deviance {report['deviance_per_pixel']['median']:.3g} per pixel; "
             f"{report['outliers']} outlier pattern(s) ({report['outlier_rule']})")
+
+
+# A probe whose shape differs from the training probe's by more than this (1 - normalised
+# overlap) is reported: the physics graph predicts with the training probe, so the residual
+# then measures the probe mismatch as much as the reconstruction.
+PROBE_MISMATCH_WARN = 0.05
+
+
+def probe_difference(scan_probe: np.ndarray, trained_probe: np.ndarray) -> dict[str, Any]:
+    """How the scan's probe differs from the one the model was trained with.
+
+    ``mismatch`` = 1 - |<p_scan, p_train>| / (||p_scan|| ||p_train||): 0 for the same probe
+    up to a global phase and scale, 1 for orthogonal ones. ``power_ratio`` = total power of
+    the scan's probe over the training probe's (the model's input scale absorbs a flux
+    change; a probe of another shape it cannot)."""
+    a = np.asarray(scan_probe, np.complex128)
+    b = np.asarray(trained_probe, np.complex128)
+    if a.shape != b.shape:
+        return {"status": "not compared", "reason": f"probe shapes {a.shape} and {b.shape}"}
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return {"status": "not compared", "reason": "a probe is all zeros"}
+    mismatch = float(1.0 - abs(np.vdot(b, a)) / (na * nb))
+    return {"mismatch": max(mismatch, 0.0), "power_ratio": float((na / nb) ** 2),
+            "differs": bool(mismatch > PROBE_MISMATCH_WARN),
+            "rule": f"differs when 1 - normalised overlap > {PROBE_MISMATCH_WARN:g}"}

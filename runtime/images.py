@@ -33,6 +33,7 @@ __all__ = [
     "amplitude_figure",
     "amplitude_range",
     "amplitude_rgb",
+    "label_font",
     "phase_display",
     "phase_figure",
     "phase_rgb",
@@ -183,7 +184,7 @@ def phase_rgb(phi: np.ndarray, mask: np.ndarray | None = None,
 # --------------------------------------------------------------------------- colour bars
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+def label_font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans where the system has it (it has every glyph used here), else Pillow's
     built-in font at ``size`` (scalable with FreeType, a fixed bitmap font without)."""
     for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
@@ -248,7 +249,7 @@ def with_colorbar(rgb: np.ndarray, bar: np.ndarray, ticks: list[tuple[float, str
         raise ValueError(f"colour bar must be uint8 (K, 3), got {bar.dtype} {bar.shape}")
     h, w = rgb.shape[:2]
     size = int(np.clip(h // 30, 11, 28))
-    font = _font(size)
+    font = label_font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
     def text_size(text: str) -> tuple[int, int]:
@@ -342,7 +343,7 @@ def phase_figure(obj: np.ndarray, mask: np.ndarray | None = None,
         ticks = list(zip(np.linspace(0.0, 1.0, 5).tolist(), tick_labels(values), strict=True))
         return with_colorbar(rgb, DIVERGING_LUT, ticks, "phase (rad)",
                              note="linear about\nthe mean phase")
-    font = _font(int(np.clip(rgb.shape[0] // 30, 11, 28)))
+    font = label_font(int(np.clip(rgb.shape[0] // 30, 11, 28)))
     pi = pi_symbol(font)
     ticks = [(0.0, f"-{pi}"), (0.25, f"-{pi}/2"), (0.5, "0"), (0.75, f"{pi}/2"),
              (1.0, pi)]

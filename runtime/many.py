@@ -157,8 +157,28 @@ def run_many(artifact: str | os.PathLike, data_files: list[Path], outroot: str |
     return outcomes
 
 
+SUMMARY_COLUMNS = ("scan", "status", "patterns", "patterns/s", "seconds", "median R",
+                   "outliers", "vs training", "output / error")
+
+
+def consistency_cells(report: dict[str, Any]) -> tuple[str, str, str]:
+    """(median R-factor, outlier count, "in range" / "OUTSIDE" / "") of one scan's
+    data-consistency section; empty where it was not computed."""
+    section = report.get("consistency") or {}
+    median = (section.get("r_factor") or {}).get("median")
+    if median is None:
+        return "", "", ""
+    reference = section.get("reference") or {}
+    verdict = "" if not reference else (
+        "OUTSIDE" if reference.get("out_of_distribution") else "in range")
+    return f"{median:.3f}", str(section.get("outliers", "")), verdict
+
+
 def summary_rows(outcomes: list[ScanOutcome]) -> list[tuple[str, ...]]:
+    """One row per scan, in :data:`SUMMARY_COLUMNS` order: a scan whose residual is outside
+    what the model saw in training stands out among the night's scans."""
     return [(Path(o.data).name, o.status, str(o.patterns or ""),
              f"{o.patterns_per_s:,.0f}" if o.patterns_per_s else "",
-             f"{o.seconds:.2f}" if o.seconds else "", o.error or o.outdir)
+             f"{o.seconds:.2f}" if o.seconds else "", *consistency_cells(o.report),
+             o.error or o.outdir)
             for o in outcomes]

@@ -25,7 +25,6 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 from runtime.atomic import ensure_replaceable, output_lock, replace_dir, temp_dir_beside
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.consistency import ConsistencyAccumulator
+from runtime.consistency_figure import save_consistency_png
 from runtime.errors import (
     EXIT_RESIDUAL,
     EXIT_USAGE,
@@ -59,8 +59,9 @@ from runtime.inputs import (
     open_input,
     write_ptychodus_product,
 )
-from runtime.manifest import ArtifactSpec, check_provenance, load_artifact, verify_file
+from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
 from runtime.memory import mem_available_bytes
+from runtime.physics_check import compare_probes, compare_with_training, open_physics
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -615,65 +616,6 @@ class ResidualTooHigh(PtychoError):
     exit_code = EXIT_RESIDUAL
 
 
-def compare_with_training(report: dict[str, Any], reference: dict[str, Any] | None
-                          ) -> list[str]:
-    """Record the training scan's figures beside the scan's, and warn when the scan's
-    median R-factor is above the training scan's 95th percentile."""
-    if not isinstance(reference, dict) or "r_factor" not in reference:
-        report["reference"] = None
-        return []
-    ref = reference["r_factor"]
-    median = report["r_factor"]["median"]
-    outside = bool(median > ref["p95"])
-    report["reference"] = {"r_factor": ref, "source": reference.get("source"),
-                           "rule": "out of distribution when the scan's median R-factor is "
-                                   "above the training scan's p95",
-                           "out_of_distribution": outside}
-    if not outside:
-        return []
-    return [f"the median R-factor {median:.3f} is above the training scan's 95th percentile "
-            f"{ref['p95']:.3f} (its median {ref['median']:.3f}): this scan is out of what the "
-            "model saw in training; do not trust the reconstruction without checking it"]
-
-
-@dataclass
-class PhysicsSession:
-    """physics.onnx of the artifact: predicted diffraction amplitude of each patch."""
-
-    session: Any
-    inputs: tuple[str, str]
-    output: str
-    batch: int | None
-
-    def predict(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
-        real = len(amplitude)
-        if self.batch is not None and real < self.batch:  # a fixed batch: pad, then drop
-            amplitude = np.resize(amplitude, (self.batch, *amplitude.shape[1:]))
-            phase = np.resize(phase, (self.batch, *phase.shape[1:]))
-        feed = {self.inputs[0]: np.ascontiguousarray(amplitude, dtype=np.float32),
-                self.inputs[1]: np.ascontiguousarray(phase, dtype=np.float32)}
-        return self.session.run([self.output], feed)[0][:real]
-
-
-def open_physics(spec: ArtifactSpec, info: SessionInfo, threads: int | None,
-                 device_id: int) -> tuple[PhysicsSession | None, str]:
-    """The physics graph on the model's provider, or (None, why not)."""
-    facts = (spec.manifest.get("artifacts") or {}).get("physics")
-    if not isinstance(facts, dict) or not isinstance(facts.get("file"), str):
-        return None, ("the artifact has no physics graph (export with --with-physics to "
-                      "check every pattern against its measurement)")
-    if spec.channels != 1:
-        return None, ("gridsize > 1: the physics graph does not include the overlap step "
-                      "yet, so it cannot predict these patterns")
-    verify_file(spec.folder, facts["file"], spec.manifest.get("files") or {},
-                spec.manifest_path)
-    session, _ = create_session(spec.folder / facts["file"], info.provider, threads,
-                                device_id=device_id)
-    inputs = tuple(facts.get("inputs") or ("amplitude", "phase"))
-    return PhysicsSession(session, inputs, str(facts.get("output", "predicted_diffraction")),
-                          spec.batch), ""
-
-
 def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str],
              outdir: str | os.PathLike[str], provider: str = "auto",
              batch_size: int | None = None, threads: int | None = None,
@@ -757,7 +699,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
             f"{p}: {', '.join(f'{op}x{k}' for op, k in ops.items())}"
             for p, ops in off_ep.items()))
     runner = make_runner(session, info, spec)
-    physics, physics_why = open_physics(spec, info, threads, device_id)
+    physics, physics_why = open_physics(spec, info.provider, threads, device_id)
     consistency = ConsistencyAccumulator() if physics is not None else None
     if max_residual is not None and consistency is None:
         raise RunUsageError(f"--max-residual needs the data-consistency check, which this "
@@ -779,8 +721,8 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
                          anchor_positions[start:stop])
             if consistency is not None:
                 t_phys = time.perf_counter()
-                consistency.add(scan.amplitudes[groups[start:stop]],
-                                physics.predict(out["amplitude"], out["phase"]))
+                consistency.add(scan.amplitudes[groups[start:stop, :1]],
+                                physics.predict(out["amplitude"], out["phase"])[:, :1])
                 consistency.seconds += time.perf_counter() - t_phys
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=stop,
@@ -792,10 +734,15 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     if consistency is not None:
         infer_s -= consistency.seconds
         consistency_report = consistency.report(anchor_positions)
+        consistency_report["patches"] = (
+            "each pattern's predicted patch" if spec.channels == 1 else
+            "each group's anchor patch (channel 0, the one stitched), without the "
+            "training's overlap step")
         consistency_report["seconds_per_inference_second"] = round(
             consistency.seconds / infer_s, 4) if infer_s > 0 else None
         warnings.extend(compare_with_training(consistency_report,
                                               spec.manifest.get("consistency_reference")))
+        warnings.extend(compare_probes(consistency_report, spec, scan.probe))
     else:
         consistency_report = {"status": "not computed", "reason": physics_why}
 
@@ -838,7 +785,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
         "quality": quality,
         "consistency": consistency_report,
         "outdir": str(outdir),
-        "files": list(OUTPUT_FILES),
+        "files": list(OUTPUT_FILES) + (["consistency.png"] if consistency is not None else []),
         "ptychodus_product": None if inputs.ptychodus_product is None
         else str(inputs.ptychodus_product),
     }
@@ -850,6 +797,10 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     try:
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         _write_outputs(tmp, stitched, well_lit, report)
+        if consistency is not None:
+            save_consistency_png(tmp / "consistency.png", np.abs(stitched.obj), well_lit,
+                                 stitched.origin_px, anchor_positions,
+                                 consistency.values()["r_factor"], consistency_report)
         replace_dir(tmp, outdir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -140,10 +140,18 @@ def test_training_reference_flags_an_out_of_distribution_scan(fitted: tuple[Path
     assert reference["r_factor"]["median"] == pytest.approx(
         own["consistency"]["r_factor"]["median"], rel=0.05)  # the same scan, eager vs ONNX
     assert reference["out_of_distribution"] is False
+    assert "consistency.png" in own["files"] and (tmp_path / "own" / "consistency.png").is_file()
     assert not any("out of what the model saw" in w for w in own["warnings"])
     wide = _scan(tmp_path / "wide.npz", "smooth", 13, probe_diameter=20.0)
     odd = run_scan(art, wide, tmp_path / "wide", provider="cpu", progress=False)
     assert odd["consistency"]["reference"]["out_of_distribution"] is True
+    # the scan's own probe against the training probe: the same scan matches exactly,
+    # the wider probe is named as the likely reason
+    assert own["consistency"]["probe"]["mismatch"] < 1e-6
+    assert own["consistency"]["probe"]["differs"] is False
+    assert odd["consistency"]["probe"]["differs"] is True
+    assert any("probe differs from the one the model was trained with" in w
+               for w in odd["warnings"])
     assert any("above the training scan's 95th percentile" in w for w in odd["warnings"])
     # --max-residual: exit 6 for pipelines, the outputs written all the same
     with pytest.raises(ResidualTooHigh) as caught:
@@ -163,3 +171,43 @@ def test_max_residual_needs_the_physics_graph(trained_bundle: Path, tmp_path: Pa
         run_scan(tmp_path / "plain", trained_bundle.parent / "scan.npz", tmp_path / "out",
                  provider="cpu", progress=False, max_residual=0.2)
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_difference_ignores_phase_and_scale_but_not_shape() -> None:
+    from bench.forward_model import make_probe
+    from runtime.consistency import probe_difference
+
+    probe = make_probe(32, 12.0, 2.0)
+    same = probe_difference(2.0 * np.exp(0.7j) * probe, probe)
+    assert same["mismatch"] < 1e-12 and same["power_ratio"] == pytest.approx(4.0)
+    assert same["differs"] is False
+    wider = probe_difference(make_probe(32, 20.0, 2.0), probe)
+    assert wider["differs"] is True and wider["mismatch"] > 0.05
+    assert probe_difference(np.ones((16, 16)), probe)["status"] == "not compared"
+
+
+def test_gridsize_2_checks_each_groups_anchor_patch(tmp_path: Path) -> None:
+    """gridsize 2: the physics graph predicts every channel; the anchor patch (the one
+    ptycho-run stitches) of each group is checked against its own pattern, one figure per
+    scan pattern, and the training scan's reference is made the same way."""
+    pytest.importorskip("torch")
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+    from ptycho_export.train import TrainOptions, train
+    from runtime.run import run_scan
+
+    scan = _scan(tmp_path / "scan.npz", "smooth", 1)
+    train(scan, tmp_path / "b.zip", tmp_path / "run", TrainOptions(
+        preset="small", gridsize=2, steps=150, guide=False, seed=0, accelerator="cpu",
+        devices=1, progress=False))
+    export_bundle(tmp_path / "b.zip", tmp_path / "art",
+                  ExportOptions(formats=["onnx"], with_physics=True))
+    report = run_scan(tmp_path / "art", scan, tmp_path / "own", provider="cpu",
+                      progress=False)["consistency"]
+    assert report["patterns"] == 144 and "anchor patch" in report["patches"]
+    assert 0.0 < report["r_factor"]["median"] < 1.0
+    reference = report["reference"]["r_factor"]
+    assert report["r_factor"]["median"] == pytest.approx(reference["median"], rel=0.05)
+    wide = run_scan(tmp_path / "art", _scan(tmp_path / "wide.npz", "smooth", 13,
+                                            probe_diameter=20.0),
+                    tmp_path / "wide", provider="cpu", progress=False)["consistency"]
+    assert wide["r_factor"]["median"] > 1.5 * report["r_factor"]["median"]

@@ -79,3 +79,26 @@ def test_a_glob_matching_nothing_is_an_error(tmp_path):
 
     with pytest.raises(SchedulerError, match="matches no file"):
         expand_inputs([str(tmp_path / "*.npz")])
+
+
+def test_summary_rows_show_each_scans_residual_against_training():
+    from runtime.many import SUMMARY_COLUMNS, ScanOutcome, summary_rows
+
+    def outcome(name, consistency):
+        return ScanOutcome(name, f"/out/{name}", "ok", patterns=100, patterns_per_s=900.0,
+                           seconds=1.5, report={"consistency": consistency})
+
+    rows = summary_rows([
+        outcome("a.npz", {"r_factor": {"median": 0.1234}, "outliers": 2,
+                          "reference": {"out_of_distribution": False}}),
+        outcome("b.npz", {"r_factor": {"median": 0.41}, "outliers": 0,
+                          "reference": {"out_of_distribution": True}}),
+        outcome("c.npz", {"status": "not computed"}),
+        ScanOutcome("d.npz", "/out/d", "failed", error="d.npz: not a zip file"),
+    ])
+    assert all(len(row) == len(SUMMARY_COLUMNS) for row in rows)
+    col = {name: i for i, name in enumerate(SUMMARY_COLUMNS)}
+    assert [r[col["median R"]] for r in rows] == ["0.123", "0.410", "", ""]
+    assert [r[col["outliers"]] for r in rows] == ["2", "0", "", ""]
+    assert [r[col["vs training"]] for r in rows] == ["in range", "OUTSIDE", "", ""]
+    assert rows[3][col["output / error"]] == "d.npz: not a zip file"

@@ -63,8 +63,10 @@ def test_solver_recovers_an_independent_scan() -> None:
         lit[int(y) : int(y) + 32, int(x) : int(x) + 32] += 1
     mask = lit >= 4
     q = quality_figures(solved.obj, truth, mask)
-    # measured: amplitude corr 0.97, phase corr 0.99
-    assert q["amplitude_corr"] > 0.9 and q["phase_corr"] > 0.95, q
+    # measured: amplitude SSIM 0.889, corr 0.977, phase corr 0.995 (the Poisson-likelihood
+    # solve at a constant learning rate gave 0.768, 0.934 and 0.987)
+    assert q["amplitude_ssim"] > 0.85 and q["amplitude_corr"] > 0.96, q
+    assert q["phase_corr"] > 0.99, q
 
 
 def test_backpropagation_of_an_empty_object_is_one_where_the_probe_is_bright() -> None:

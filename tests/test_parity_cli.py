@@ -388,3 +388,34 @@ def test_error_map_is_scaled_by_its_own_max() -> None:
     assert tuple(rgb[1, 1]) == UNVISITED_RGB
     zero, top = error_rgb(np.zeros((2, 2)), np.ones((2, 2), bool))
     assert top == 0.0 and (zero == 255).all()
+
+
+def test_each_runner_is_checked_against_the_measurements(cli: CliRunner, trained_bundle: Path,
+                                                        tmp_path: Path) -> None:
+    """With the physics graph, every runner's patches get the data-consistency figures:
+    the same numbers for the eager model and the ONNX artifact (they agree to float32),
+    and the same as the training scan's reference, since this is the training scan."""
+    art = tmp_path / "art"
+    export_bundle(trained_bundle, art, ExportOptions(formats=["onnx"], with_physics=True))
+    result = cli.invoke(app, [str(trained_bundle), str(art),
+                              str(trained_bundle.parent / "scan.npz"), "-o", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "data consistency" in result.output and "median R" in result.output
+    runners = {r["runner"]: r for r in _strict_json(tmp_path / "r" / "parity.json")["runners"]}
+    eager = runners["eager fp32 cpu"]["consistency"]
+    onnx = runners["onnxruntime cpu"]["consistency"]
+    assert eager["patterns"] == onnx["patterns"] == 64
+    assert 0.01 < eager["r_factor"]["median"] < 1.0
+    assert onnx["r_factor"]["median"] == pytest.approx(eager["r_factor"]["median"], rel=1e-4)
+    assert onnx["deviance_per_pixel"]["median"] == pytest.approx(
+        eager["deviance_per_pixel"]["median"], rel=1e-3)
+    assert onnx["reference"]["out_of_distribution"] is False
+
+
+def test_without_physics_the_table_says_why(passed: tuple[object, Path]) -> None:
+    result, report_dir = passed
+    assert "data consistency: not computed (the artifact has no physics graph" in \
+        " ".join(result.output.split())
+    runners = _strict_json(report_dir / "parity.json")["runners"]
+    ran = [r for r in runners if r["status"] == "ran"]
+    assert ran and all(r["consistency"]["status"] == "not computed" for r in ran)

@@ -40,6 +40,17 @@ def test_reconstruction_beats_flat_baseline_by_a_clear_margin(trained):
     assert result.quality["verdict"]["phase_beats_flat"]
 
 
+def test_report_scores_the_object_solve_as_the_networks_ceiling(trained):
+    """The training-only object solve is scored like the network: on this scan it is at
+    least as good as the network that was trained to agree with it."""
+    _, _, result = trained
+    solve, model = result.quality["object_solve"], result.quality["model"]
+    assert set(solve) >= {"amplitude_ssim", "amplitude_corr", "phase_corr"}
+    assert solve["phase_corr"] > 0.95
+    assert solve["phase_corr"] >= model["phase_corr"] - 0.01
+    assert solve["amplitude_ssim"] >= model["amplitude_ssim"] - 0.01
+
+
 def test_training_lowers_the_loss_and_writes_the_run_folder(trained):
     folder, _, result = trained
     losses = [row["train_loss"] for row in result.history]
@@ -134,8 +145,13 @@ def test_quick_demo_runs_every_stage(tmp_path):
     for name in ("scan.npz", "bundle.zip", "amplitude.png", "phase.png", "object_eager.npz",
                  "demo_report.json", "export/model.onnx", "export/manifest.json",
                  "run_onnx/object.npz", "run_onnx/product.h5", "export/probe.npy",
-                 "run_onnx/amplitude.png"):
+                 "run_onnx/amplitude.png", "run_onnx/consistency.png",
+                 "run_smooth/consistency.png"):
         assert (tmp_path / "demo" / name).is_file(), name
+    consistency = report["consistency"]
+    assert consistency["training_scan"]["median_r_factor"] > 0
+    assert consistency["smooth_scan"]["median_r_factor"] > 0
+    assert any("[data consistency] median R-factor" in line for line in lines)
     assert report["quality"]["ground_truth"] is True
     assert any("parity gate PASS" in line for line in lines)
     assert any("self-check PASS" in line for line in lines)
