@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(c.get("quality", {}).get("model", {}).get("frc_curve") for c in results["cases"]):
         frc_plot(args.output / f"quality-{machine}-frc.png", results)
     if len(budgets) > 1:
-        time_curve_plot(args.output / f"quality-{machine}-time.png", results)
+        stem = machine if machine.endswith("-time") else f"{machine}-time"
+        time_curve_plot(args.output / f"quality-{stem}.png", results)
     return 0 if all("error" not in c for c in results["cases"]) else 1
 
 

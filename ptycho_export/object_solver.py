@@ -11,12 +11,12 @@ network is then trained on the same likelihood plus agreement with this object
 
 The solve fits measured amplitudes (least squares on sqrt(counts), Gaussian noise on the
 amplitude), not the Poisson likelihood the network trains on, and decays Adam's learning
-rate to 1 % on a cosine. Measured on the benchmark's natural scan at 1e6 photons
-(bench/forward_model.py, 2-core AMD EPYC): amplitude SSIM 0.885 and phase correlation
-0.998 against 0.52 and 0.973 with the Poisson likelihood at the same steps; a constant
-learning rate left both at about half that. The amplitude fit is the better conditioned of
-the two (its gradient does not grow with the intensity), the known result for gradient
-ptychography; at a constant rate Adam keeps wandering round the minimum.
+rate to 1 % on a cosine. Measured on the quality benchmark's scans at 1e6 photons
+(bench/solver_ceiling.py, 2-core AMD EPYC), amplitude SSIM of the solved object on the
+natural scan: 0.88, against 0.84 with the Poisson likelihood and the same decay, and 0.44
+for the Poisson likelihood at a constant rate (the earlier solve). At a constant rate Adam
+keeps wandering round the minimum; the amplitude misfit is the better conditioned of the
+two (its gradient does not grow with the intensity).
 
 Fractional positions are exact: the exit wave P(r) O(r + t) with t = floor(t) + f has the
 same far-field intensity as P(r - f) O(r + floor(t)), so each pattern gets its own probe,
