@@ -36,7 +36,7 @@ def solve_case(spec: ScanSpec, misfit: str, decay: bool, steps: int) -> dict[str
 
     from ptycho_export.normalization import compute_normalization
     from ptycho_export.object_solver import patches_at, solve_object
-    from ptycho_export.reconstruct import quality_report, stitch_with_probe
+    from ptycho_export.train import object_solve_figures
     from runtime.scan import load_scan
 
     with tempfile.TemporaryDirectory() as work:
@@ -48,8 +48,7 @@ def solve_case(spec: ScanSpec, misfit: str, decay: bool, steps: int) -> dict[str
     started = time.perf_counter()
     solved = solve_object(scaled, probe, scan.positions_px, steps, misfit=misfit, decay=decay)
     seconds = time.perf_counter() - started
-    patches = patches_at(solved, scan.positions_px, scan.patch_size)
-    model = quality_report(stitch_with_probe(patches, scan), scan)["model"]
+    model = object_solve_figures(patches_at(solved, scan.positions_px, scan.patch_size), scan)
     return {"kind": spec.kind, "photons": spec.photons, "misfit": misfit, "decay": decay,
             "steps": steps, "seconds": round(seconds, 1),
             **{k: model[k] for k in FIGURES}}

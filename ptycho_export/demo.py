@@ -31,6 +31,7 @@ from runtime.images import (
 )
 from runtime.inputs import InputOptions
 from runtime.metrics import align_to_reference
+from runtime.physics_check import residual_summary
 from runtime.run import run_scan
 from runtime.scan import save_scan
 from runtime.stitch import crop_to
@@ -94,12 +95,8 @@ def save_side_by_side(out: Path, obj: np.ndarray, truth: np.ndarray, mask: np.nd
 
 def _residual_summary(report: dict[str, Any]) -> dict[str, Any]:
     section = report.get("consistency") or {}
-    if "r_factor" not in section:
-        return {"status": "not computed", "reason": section.get("reason")}
-    reference = section.get("reference") or {}
-    return {"median_r_factor": section["r_factor"]["median"],
-            "p95_r_factor": section["r_factor"]["p95"], "outliers": section["outliers"],
-            "out_of_distribution": reference.get("out_of_distribution")}
+    return residual_summary(section) or {"status": "not computed",
+                                         "reason": section.get("reason")}
 
 
 def demo_consistency(out: Path, settings: DemoSettings, own: dict[str, Any], progress: bool,

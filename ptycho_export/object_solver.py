@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ptycho_export.schedule import cosine_decay
+
 
 @dataclass(frozen=True)
 class SolvedObject:
@@ -60,12 +62,6 @@ def shifted_probes(probe: np.ndarray, frac: np.ndarray) -> np.ndarray:
                                       + k[None, None, :] * f[:, 1, None, None]))
         out[start : start + len(f)] = np.fft.ifft2(spectrum[None] * ramp)
     return out
-
-
-def cosine_factor(step: int, steps: int, floor: float) -> float:
-    """Learning-rate factor at ``step`` of ``steps``: 1 falling to ``floor`` on a cosine."""
-    progress = min(step / max(steps - 1, 1), 1.0)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
 
 
 def default_solver_steps(n_patterns: int, batch: int = 64) -> int:
@@ -113,7 +109,7 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
     for step in range(steps):
         if decay:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate * cosine_factor(step, steps, floor=0.01)
+                group["lr"] = learning_rate * cosine_decay(step / max(steps - 1, 1), 0.01)
         idx = torch.randperm(m, generator=generator)[:batch]
         far = torch.fft.fft2(probes[idx] * obj[rows[idx], cols[idx]], norm="ortho")
         rate = far.real.square() + far.imag.square()

@@ -649,7 +649,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     from ptycho_export.parity import eager_runner
     from ptycho_export.reconstruct import patch_per_position, stitch_with_probe
     from runtime.grouping import group_neighbours
-    from runtime.physics_check import consistency_of_outputs
+    from runtime.physics_check import OutputChecker
     from runtime.scan import load_scan
 
     log = log or (lambda message: None)
@@ -704,13 +704,15 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     runners_info: list[dict[str, Any]] = []
     rows: list[CheckRow] = []
 
+    checker = OutputChecker.open(artifact_dir)
     anchors = scan.positions_px[groups[:, 0]]
+    anchor_amplitudes = scan.amplitudes[groups[:, :1]] if checker.physics else None
 
     def residual(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         """Each runner's patches against the measurements (the artifact's physics graph):
         a parity figure that needs no eager model."""
-        section = consistency_of_outputs(artifact_dir, scan.amplitudes[groups],
-                                         outputs["amplitude"], outputs["phase"], anchors)
+        section = checker.check(anchor_amplitudes, outputs["amplitude"], outputs["phase"],
+                                anchors)
         section.pop("outlier_patterns", None)  # ptycho-run's report lists them
         return section
 

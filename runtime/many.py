@@ -164,14 +164,14 @@ SUMMARY_COLUMNS = ("scan", "status", "patterns", "patterns/s", "seconds", "media
 def consistency_cells(report: dict[str, Any]) -> tuple[str, str, str]:
     """(median R-factor, outlier count, "in range" / "OUTSIDE" / "") of one scan's
     data-consistency section; empty where it was not computed."""
-    section = report.get("consistency") or {}
-    median = (section.get("r_factor") or {}).get("median")
-    if median is None:
+    from runtime.physics_check import residual_summary
+
+    summary = residual_summary(report.get("consistency"))
+    if summary is None:
         return "", "", ""
-    reference = section.get("reference") or {}
-    verdict = "" if not reference else (
-        "OUTSIDE" if reference.get("out_of_distribution") else "in range")
-    return f"{median:.3f}", str(section.get("outliers", "")), verdict
+    outside = summary["out_of_distribution"]
+    verdict = "" if outside is None else "OUTSIDE" if outside else "in range"
+    return f"{summary['median_r_factor']:.3f}", str(summary["outliers"]), verdict
 
 
 def summary_rows(outcomes: list[ScanOutcome]) -> list[tuple[str, ...]]:

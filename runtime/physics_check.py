@@ -102,26 +102,49 @@ def open_physics(spec: ArtifactSpec, provider: str, threads: int | None,
                           spec.batch), ""
 
 
-def consistency_of_outputs(artifact: str | os.PathLike[str], measured: np.ndarray,
-                           amplitude: np.ndarray, phase: np.ndarray,
-                           positions_px: np.ndarray | None = None, batch: int = 256
-                           ) -> dict[str, Any]:
-    """The data-consistency section for model outputs computed elsewhere (ptycho-parity's
-    runners): ``measured`` (G, C, N, N) amplitudes of the groups, ``amplitude``/``phase``
-    the outputs for them; the artifact's own physics graph on the CPU. As in ptycho-run,
-    each group's anchor patch (channel 0) is checked against its own pattern."""
-    spec = load_artifact(artifact)
-    physics, why = open_physics(spec, "cpu", None, 0)
-    if physics is None:
-        return {"status": "not computed", "reason": why}
-    accumulator = ConsistencyAccumulator()
-    step = spec.batch or batch
-    started = time.perf_counter()
-    for start in range(0, len(amplitude), step):
-        stop = start + step
-        accumulator.add(measured[start:stop, :1],
-                        physics.predict(amplitude[start:stop], phase[start:stop])[:, :1])
-    accumulator.seconds = time.perf_counter() - started
-    report = accumulator.report(positions_px)
-    compare_with_training(report, spec.manifest.get("consistency_reference"))
-    return report
+@dataclass
+class OutputChecker:
+    """The artifact's physics graph on the CPU, opened once, for model outputs computed
+    elsewhere (ptycho-parity's runners): :meth:`check` gives each its consistency section."""
+
+    spec: ArtifactSpec
+    physics: PhysicsSession | None
+    why: str
+
+    @classmethod
+    def open(cls, artifact: str | os.PathLike[str]) -> OutputChecker:
+        spec = load_artifact(artifact)
+        physics, why = open_physics(spec, "cpu", None, 0)
+        return cls(spec, physics, why)
+
+    def check(self, measured: np.ndarray, amplitude: np.ndarray, phase: np.ndarray,
+              positions_px: np.ndarray | None = None, batch: int = 256) -> dict[str, Any]:
+        """``measured``: (G, 1, N, N) amplitudes of each group's anchor pattern;
+        ``amplitude``/``phase``: the (G, C, N, N) outputs. As in ptycho-run, each group's
+        anchor patch (channel 0) is checked against its own pattern."""
+        if self.physics is None:
+            return {"status": "not computed", "reason": self.why}
+        accumulator = ConsistencyAccumulator()
+        step = self.spec.batch or batch
+        started = time.perf_counter()
+        for start in range(0, len(amplitude), step):
+            stop = start + step
+            accumulator.add(measured[start:stop, :1], self.physics.predict(
+                amplitude[start:stop], phase[start:stop])[:, :1])
+        accumulator.seconds = time.perf_counter() - started
+        report = accumulator.report(positions_px)
+        compare_with_training(report, self.spec.manifest.get("consistency_reference"))
+        return report
+
+
+def residual_summary(section: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The few figures a summary shows of a consistency section (median and p95 R-factor,
+    outliers, whether outside the training scan's range), or None where not computed."""
+    section = section or {}
+    if "r_factor" not in section:
+        return None
+    reference = section.get("reference") or {}
+    return {"median_r_factor": section["r_factor"]["median"],
+            "p95_r_factor": section["r_factor"].get("p95"), "outliers": section.get("outliers"),
+            "out_of_distribution": reference.get("out_of_distribution") if reference
+            else None}

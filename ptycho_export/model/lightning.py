@@ -13,6 +13,7 @@ from ptycho_export.model.generator import PtychoNet
 from ptycho_export.normalization import Normalization
 from ptycho_export.overlap import merge_and_reextract
 from ptycho_export.physics import LOSSES, FarField, polar_to_re_im
+from ptycho_export.schedule import cosine_decay
 
 
 class PtychoModule(L.LightningModule):
@@ -131,8 +132,7 @@ class PtychoModule(L.LightningModule):
         def factor(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+            return cosine_decay((step - warmup) / max(total - warmup, 1), 0.02)
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer,
