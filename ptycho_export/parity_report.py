@@ -648,7 +648,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
     from ptycho_export.parity import eager_runner
     from ptycho_export.reconstruct import patch_per_position, stitch_with_probe
-    from runtime.grouping import group_neighbours
+    from runtime.grouping import group_neighbours, group_offsets
     from runtime.physics_check import OutputChecker
     from runtime.scan import load_scan
 
@@ -707,12 +707,13 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
     checker = OutputChecker.open(artifact_dir)
     anchors = scan.positions_px[groups[:, 0]]
     anchor_amplitudes = scan.amplitudes[groups[:, :1]] if checker.physics else None
+    offsets = group_offsets(scan.positions_px, groups) if config.channels > 1 else None
 
     def residual(outputs: dict[str, np.ndarray]) -> dict[str, Any]:
         """Each runner's patches against the measurements (the artifact's physics graph):
         a parity figure that needs no eager model."""
         section = checker.check(anchor_amplitudes, outputs["amplitude"], outputs["phase"],
-                                anchors)
+                                scan.probe, offsets, anchors)
         section.pop("outlier_patterns", None)  # ptycho-run's report lists them
         return section
 

@@ -27,47 +27,65 @@ def complex_matmul(
     return a_re @ b_re - a_im @ b_im, a_re @ b_im + a_im @ b_re
 
 
-class FarField(nn.Module):
-    """Object patch (re, im) -> |fftshift(fft2(probe * object, norm='ortho'))|.
+class CentredDft2(nn.Module):
+    """(re, im) -> fftshift(fft2(., norm='ortho')) as A @ x @ A^T, two real block-matmuls.
 
-    The probe and DFT matrices are buffers, so `.to(device)` and TorchScript's
-    `map_location` move them: nothing inside `forward` names a device or a dtype.
-    """
+    The DFT matrices are buffers, so `.to(device)` and TorchScript's `map_location` move
+    them: nothing inside `forward` names a device or a dtype."""
 
-    def __init__(self, probe: np.ndarray) -> None:
+    def __init__(self, n: int) -> None:
         super().__init__()
-        n = probe.shape[-1]
-        if probe.shape != (n, n):
-            raise ValueError(f"probe must be square, got shape {probe.shape}")
         dft = shifted_dft_matrix(n)
-        probe = np.asarray(probe, dtype=np.complex128)
-        self.register_buffer("probe_re", torch.from_numpy(probe.real.astype(np.float32)))
-        self.register_buffer("probe_im", torch.from_numpy(probe.imag.astype(np.float32)))
         self.register_buffer("dft_re", torch.from_numpy(dft.real.astype(np.float32)))
         self.register_buffer("dft_im", torch.from_numpy(dft.imag.astype(np.float32)))
         self.register_buffer("dft_t_re", torch.from_numpy(dft.T.real.astype(np.float32).copy()))
         self.register_buffer("dft_t_im", torch.from_numpy(dft.T.imag.astype(np.float32).copy()))
 
+    def propagate(
+        self, psi_re: torch.Tensor, psi_im: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows_re, rows_im = complex_matmul(self.dft_re, self.dft_im, psi_re, psi_im)
+        return complex_matmul(rows_re, rows_im, self.dft_t_re, self.dft_t_im)
+
+
+class FarField(CentredDft2):
+    """Object patch (re, im) -> |fftshift(fft2(probe * object, norm='ortho'))|, with the
+    probe a buffer (the training physics)."""
+
+    def __init__(self, probe: np.ndarray) -> None:
+        n = probe.shape[-1]
+        if probe.shape != (n, n):
+            raise ValueError(f"probe must be square, got shape {probe.shape}")
+        super().__init__(n)
+        probe = np.asarray(probe, dtype=np.complex128)
+        self.register_buffer("probe_re", torch.from_numpy(probe.real.astype(np.float32)))
+        self.register_buffer("probe_im", torch.from_numpy(probe.imag.astype(np.float32)))
+
     def exit_wave(
         self, obj_re: torch.Tensor, obj_im: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            obj_re * self.probe_re - obj_im * self.probe_im,
-            obj_re * self.probe_im + obj_im * self.probe_re,
-        )
+        return complex_product(obj_re, obj_im, self.probe_re, self.probe_im)
 
     def far_field(
         self, obj_re: torch.Tensor, obj_im: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Complex far field (re, im) of the exit wave: A @ psi @ A^T."""
-        psi_re, psi_im = self.exit_wave(obj_re, obj_im)
-        rows_re, rows_im = complex_matmul(self.dft_re, self.dft_im, psi_re, psi_im)
-        return complex_matmul(rows_re, rows_im, self.dft_t_re, self.dft_t_im)
+        return self.propagate(*self.exit_wave(obj_re, obj_im))
 
     def forward(self, obj_re: torch.Tensor, obj_im: torch.Tensor) -> torch.Tensor:
-        f_re, f_im = self.far_field(obj_re, obj_im)
-        # sqrt(x + tiny) keeps the gradient finite where the far field is exactly zero.
-        return torch.sqrt(f_re * f_re + f_im * f_im + 1e-12)
+        return modulus(*self.far_field(obj_re, obj_im))
+
+
+def complex_product(
+    a_re: torch.Tensor, a_im: torch.Tensor, b_re: torch.Tensor, b_im: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise (a_re + i a_im) * (b_re + i b_im) with real tensors only."""
+    return a_re * b_re - a_im * b_im, a_re * b_im + a_im * b_re
+
+
+def modulus(re: torch.Tensor, im: torch.Tensor) -> torch.Tensor:
+    # sqrt(x + tiny) keeps the gradient finite where the far field is exactly zero.
+    return torch.sqrt(re * re + im * im + 1e-12)
 
 
 def polar_to_re_im(

@@ -179,29 +179,33 @@ def golden_samples(module: PtychoModule, datamodule: ScanDataModule, count: int
     with torch.inference_mode():
         amplitude, phase = net(inputs)
     return {"amplitudes": inputs.numpy(), "amplitude": amplitude.numpy(),
-            "phase": phase.numpy(), "group_index": index.astype(np.int64)}
+            "phase": phase.numpy(), "group_index": index.astype(np.int64),
+            "offsets": datamodule.offsets[torch.from_numpy(index)].numpy()}
 
 
 def consistency_reference(net: torch.nn.Module, datamodule: ScanDataModule, probe: np.ndarray,
                           normalization: Any, batch: int = 256) -> dict[str, Any] | None:
     """The data-consistency figures (runtime.consistency) of the trained model on its own
-    training scan, through the same physics the export writes: what "normal" looks like,
-    stored with the bundle so ptycho-run can say when a scan is far outside it. At
-    gridsize > 1, each group's anchor patch (channel 0, the one ptycho-run stitches)
-    against its own pattern, as ptycho-run checks it."""
-    from ptycho_export.export.wrapper import MatmulPhysicsWrapper
+    training scan, through the same physics graph the export writes (at gridsize > 1 each
+    group's anchor patch after the overlap step, as ptycho-run checks it): what "normal"
+    looks like, stored with the bundle so ptycho-run can say when a scan is far outside
+    it."""
+    from ptycho_export.export.wrapper import physics_wrapper
     from runtime.consistency import ConsistencyAccumulator
+    from runtime.physics_check import physics_feed
 
-    physics = MatmulPhysicsWrapper(probe.astype(np.complex128),
-                                   normalization.amplitude_scale,
-                                   normalization.probe_scale).eval()
+    physics = physics_wrapper("matmul", probe, normalization, datamodule.groups.shape[1])
+    names = physics.input_names()
     net = net.to("cpu", torch.float32).eval()
     accumulator = ConsistencyAccumulator()
     with torch.inference_mode():
         for start in range(0, len(datamodule.amplitudes), batch):
             measured = datamodule.amplitudes[start:start + batch].float()
             amplitude, phase = net(measured)
-            accumulator.add(measured[:, :1].numpy(), physics(amplitude, phase)[:, :1].numpy())
+            feed = physics_feed(names, amplitude.numpy(), phase.numpy(), probe,
+                                datamodule.offsets[start:start + batch].numpy())
+            predicted = physics(*(torch.from_numpy(feed[name]) for name in names))
+            accumulator.add(measured[:, :1].numpy(), predicted.numpy())
     report = accumulator.report()
     return {"patterns": report["patterns"], "r_factor": report["r_factor"],
             "deviance_per_pixel": report["deviance_per_pixel"],
@@ -464,7 +468,7 @@ def train(
         guide, guide_record, solved_patches = build_guide(scan, datamodule, normalization,
                                                           options)
     module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
-                          options.loss, datamodule.max_offset_px, guide=guide,
+                          options.loss, guide=guide,
                           guide_weight=options.guide_weight)
     plan = plan_training(options, module, datamodule,
                          guide_record["seconds"] if guide_record else 0.0)

@@ -64,26 +64,74 @@ def compare_probes(report: dict[str, Any], spec: ArtifactSpec, scan_probe: np.nd
     return [f"the scan's probe differs from the one the model was trained with (1 - overlap "
             f"{report['probe']['mismatch']:.3f}, power ratio "
             f"{report['probe']['power_ratio']:.3g}): the model has not seen this "
-            "illumination, and the residual is computed with the training probe"]
+            "illumination"]
+
+
+def physics_feed(inputs: tuple[str, ...], amplitude: np.ndarray, phase: np.ndarray,
+                 probe: np.ndarray | None, offsets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The physics graph's float32 feed for the inputs it names: a group's patches
+    (B, C, N, N), the scan's probe (N, N, broadcast to every pattern) and, at gridsize > 1,
+    the group's offsets (B, C, 2) from its anchor (runtime.grouping.group_offsets)."""
+    b = len(amplitude)
+    feed = {"amplitude": amplitude, "phase": phase}
+    if probe is not None:
+        probe = np.asarray(probe)
+        feed["probe_re"] = np.broadcast_to(probe.real, (b, *probe.shape))
+        feed["probe_im"] = np.broadcast_to(probe.imag, (b, *probe.shape))
+    if offsets is not None:
+        feed["offsets"] = offsets
+    missing = [name for name in inputs if name not in feed]
+    if missing:
+        raise ValueError(f"the physics graph needs {missing}")
+    return {name: np.ascontiguousarray(feed[name], dtype=np.float32) for name in inputs}
 
 
 @dataclass
 class PhysicsSession:
-    """physics.onnx of the artifact: predicted diffraction amplitude of each patch."""
+    """physics.onnx of the artifact: the predicted diffraction amplitude of each group's
+    anchor pattern. Graphs exported before the probe became an input hold the training
+    probe and predict every channel without the overlap step (``takes_probe`` False)."""
 
     session: Any
-    inputs: tuple[str, str]
+    inputs: tuple[str, ...]
     output: str
     batch: int | None
 
-    def predict(self, amplitude: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    @property
+    def takes_probe(self) -> bool:
+        return "probe_re" in self.inputs
+
+    @property
+    def merges_overlap(self) -> bool:
+        return "offsets" in self.inputs
+
+    def predict(self, amplitude: np.ndarray, phase: np.ndarray, probe: np.ndarray | None,
+                offsets: np.ndarray | None = None) -> np.ndarray:
+        """(B, 1, N, N) predicted amplitudes of each group's anchor pattern."""
         real = len(amplitude)
         if self.batch is not None and real < self.batch:  # a fixed batch: pad, then drop
             amplitude = np.resize(amplitude, (self.batch, *amplitude.shape[1:]))
             phase = np.resize(phase, (self.batch, *phase.shape[1:]))
-        feed = {self.inputs[0]: np.ascontiguousarray(amplitude, dtype=np.float32),
-                self.inputs[1]: np.ascontiguousarray(phase, dtype=np.float32)}
-        return self.session.run([self.output], feed)[0][:real]
+            if offsets is not None:
+                offsets = np.resize(offsets, (self.batch, *offsets.shape[1:]))
+        feed = physics_feed(self.inputs, amplitude, phase, probe, offsets)
+        return self.session.run([self.output], feed)[0][:real, :1]
+
+    def describe(self, channels: int) -> dict[str, str]:
+        """What the check compares, for the report."""
+        probe = ("the scan's own probe, scaled to the training probe's power as training "
+                 "scales it" if self.takes_probe else
+                 "the training probe (this artifact's physics graph predates the probe "
+                 "input: re-export for the scan's own)")
+        if channels == 1:
+            patches = "each pattern's predicted patch"
+        elif self.merges_overlap:
+            patches = ("each group's anchor patch (channel 0, the one stitched) after the "
+                       "training's overlap step with its neighbours")
+        else:
+            patches = ("each group's anchor patch (channel 0, the one stitched), without the "
+                       "training's overlap step (re-export to include it)")
+        return {"patches": patches, "probe_used": probe}
 
 
 def open_physics(spec: ArtifactSpec, provider: str, threads: int | None,
@@ -97,7 +145,7 @@ def open_physics(spec: ArtifactSpec, provider: str, threads: int | None,
                 spec.manifest_path)
     session, _ = create_session(spec.folder / facts["file"], provider, threads,
                                 device_id=device_id)
-    inputs = tuple(facts.get("inputs") or ("amplitude", "phase"))
+    inputs = tuple(str(name) for name in facts.get("inputs") or ("amplitude", "phase"))
     return PhysicsSession(session, inputs, str(facts.get("output", "predicted_diffraction")),
                           spec.batch), ""
 
@@ -118,10 +166,12 @@ class OutputChecker:
         return cls(spec, physics, why)
 
     def check(self, measured: np.ndarray, amplitude: np.ndarray, phase: np.ndarray,
+              probe: np.ndarray, offsets: np.ndarray | None = None,
               positions_px: np.ndarray | None = None, batch: int = 256) -> dict[str, Any]:
         """``measured``: (G, 1, N, N) amplitudes of each group's anchor pattern;
-        ``amplitude``/``phase``: the (G, C, N, N) outputs. As in ptycho-run, each group's
-        anchor patch (channel 0) is checked against its own pattern."""
+        ``amplitude``/``phase``: the (G, C, N, N) outputs; ``probe`` the scan's;
+        ``offsets`` (G, C, 2) at gridsize > 1. As in ptycho-run, each group's anchor patch
+        is checked against its own pattern."""
         if self.physics is None:
             return {"status": "not computed", "reason": self.why}
         accumulator = ConsistencyAccumulator()
@@ -130,9 +180,11 @@ class OutputChecker:
         for start in range(0, len(amplitude), step):
             stop = start + step
             accumulator.add(measured[start:stop, :1], self.physics.predict(
-                amplitude[start:stop], phase[start:stop])[:, :1])
+                amplitude[start:stop], phase[start:stop], probe,
+                None if offsets is None else offsets[start:stop]))
         accumulator.seconds = time.perf_counter() - started
         report = accumulator.report(positions_px)
+        report.update(self.physics.describe(amplitude.shape[1]))
         compare_with_training(report, self.spec.manifest.get("consistency_reference"))
         return report
 

@@ -45,7 +45,7 @@ from runtime.errors import (
     PtychoError,
     naming,
 )
-from runtime.grouping import group_neighbours
+from runtime.grouping import group_neighbours, group_offsets
 from runtime.image_quality import (
     WELL_LIT_RULE,
     WELL_LIT_THRESHOLD,
@@ -701,6 +701,8 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     runner = make_runner(session, info, spec)
     physics, physics_why = open_physics(spec, info.provider, threads, device_id)
     consistency = ConsistencyAccumulator() if physics is not None else None
+    offsets = (group_offsets(scan.positions_px, groups)
+               if physics is not None and physics.merges_overlap else None)
     if max_residual is not None and consistency is None:
         raise RunUsageError(f"--max-residual needs the data-consistency check, which this "
                             f"artifact cannot run: {physics_why}")
@@ -722,7 +724,9 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
             if consistency is not None:
                 t_phys = time.perf_counter()
                 consistency.add(scan.amplitudes[groups[start:stop, :1]],
-                                physics.predict(out["amplitude"], out["phase"])[:, :1])
+                                physics.predict(out["amplitude"], out["phase"], scan.probe,
+                                                None if offsets is None
+                                                else offsets[start:stop]))
                 consistency.seconds += time.perf_counter() - t_phys
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=stop,
@@ -734,10 +738,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     if consistency is not None:
         infer_s -= consistency.seconds
         consistency_report = consistency.report(anchor_positions)
-        consistency_report["patches"] = (
-            "each pattern's predicted patch" if spec.channels == 1 else
-            "each group's anchor patch (channel 0, the one stitched), without the "
-            "training's overlap step")
+        consistency_report.update(physics.describe(spec.channels))
         consistency_report["seconds_per_inference_second"] = round(
             consistency.seconds / infer_s, 4) if infer_s > 0 else None
         warnings.extend(compare_with_training(consistency_report,

@@ -186,10 +186,74 @@ def test_probe_difference_ignores_phase_and_scale_but_not_shape() -> None:
     assert probe_difference(np.ones((16, 16)), probe)["status"] == "not compared"
 
 
+def test_physics_graph_is_the_training_physics_with_the_scans_own_probe(
+        tiny_parts, tmp_path: Path) -> None:  # noqa: ANN001
+    """gridsize 2, fractional offsets: physics.onnx (onnxruntime) gives channel 0 of what
+    the training module's own predicted_diffraction gives (its overlap step and far field),
+    in data units; fed another scale of the same probe, the same; fed another probe, what
+    training with that probe would give."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime as ort
+
+    from ptycho_export.bundle import write_bundle
+    from ptycho_export.export.pipeline import ExportOptions, export_bundle
+    from ptycho_export.model.config import ModelConfig
+    from ptycho_export.model.generator import PtychoNet
+    from ptycho_export.model.lightning import PtychoModule
+    from ptycho_export.normalization import compute_normalization
+    from runtime.physics_check import physics_feed
+
+    n = tiny_parts.probe.shape[0]
+    config = ModelConfig.from_preset("tiny", n, gridsize=2)
+    rng = np.random.default_rng(5)
+    inputs = rng.uniform(0.0, 4.0, (3, 4, n, n)).astype(np.float32)
+    norm = compute_normalization(inputs, tiny_parts.probe)
+    torch.manual_seed(0)
+    net = PtychoNet(config, norm.amplitude_scale).eval()
+    with torch.no_grad():
+        amplitude, phase = net(torch.from_numpy(inputs))
+    offsets = np.array([[0, 0], [0.0, 5.3], [4.6, -0.4], [4.7, 5.2]], np.float32)
+    offsets = np.stack([offsets, offsets * 0.5, offsets[[0, 2, 1, 3]]])
+    offsets[:, 0] = 0.0
+    bundle = write_bundle(tmp_path / "g2.zip", config=config, normalization=norm,
+                          state_dict=net.state_dict(), probe=tiny_parts.probe,
+                          golden={"amplitudes": inputs, "amplitude": amplitude.numpy(),
+                                  "phase": phase.numpy(), "offsets": offsets},
+                          training={}, data={})
+    export_bundle(bundle, tmp_path / "art", ExportOptions(formats=["onnx"], with_physics=True))
+    session = ort.InferenceSession(str(tmp_path / "art" / "physics.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = tuple(i.name for i in session.get_inputs())
+    assert names == ("amplitude", "phase", "probe_re", "probe_im", "offsets")
+
+    def graph(probe: np.ndarray) -> np.ndarray:
+        return session.run(None, physics_feed(names, amplitude.numpy(), phase.numpy(), probe,
+                                              offsets))[0]
+
+    def training(probe: np.ndarray) -> np.ndarray:
+        module = PtychoModule(config, probe, compute_normalization(inputs, probe))
+        module.net.load_state_dict(net.state_dict())
+        with torch.no_grad():
+            predicted = module.predicted_diffraction(torch.from_numpy(inputs),
+                                                     torch.from_numpy(offsets))
+        return predicted[:, :1].numpy() / norm.amplitude_scale
+
+    expected = training(tiny_parts.probe)
+    got = graph(tiny_parts.probe)
+    assert got.shape == (3, 1, n, n)
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    assert np.abs(graph(3.0 * np.exp(0.4j) * tiny_parts.probe) - expected).max() \
+        < 1e-4 * np.abs(expected).max()
+    other = np.roll(tiny_parts.probe, 3, axis=1) * np.exp(0.5j * np.arange(n) / n)
+    assert np.abs(graph(other) - training(other)).max() < 1e-4 * np.abs(expected).max()
+    assert np.abs(graph(other) - expected).max() > 0.05 * np.abs(expected).max()
+
+
 def test_gridsize_2_checks_each_groups_anchor_patch(tmp_path: Path) -> None:
-    """gridsize 2: the physics graph predicts every channel; the anchor patch (the one
-    ptycho-run stitches) of each group is checked against its own pattern, one figure per
-    scan pattern, and the training scan's reference is made the same way."""
+    """gridsize 2: each group's anchor patch (the one ptycho-run stitches), after the
+    training's overlap step with its neighbours, against its own pattern; one figure per
+    scan pattern, and the training scan's reference made the same way. A scan of the other
+    object kind scores clearly higher."""
     pytest.importorskip("torch")
     from ptycho_export.export.pipeline import ExportOptions, export_bundle
     from ptycho_export.train import TrainOptions, train
@@ -197,17 +261,24 @@ def test_gridsize_2_checks_each_groups_anchor_patch(tmp_path: Path) -> None:
 
     scan = _scan(tmp_path / "scan.npz", "smooth", 1)
     train(scan, tmp_path / "b.zip", tmp_path / "run", TrainOptions(
-        preset="small", gridsize=2, steps=150, guide=False, seed=0, accelerator="cpu",
-        devices=1, progress=False))
+        preset="small", gridsize=2, steps=600, guide=False, seed=0, accelerator="cpu",
+        devices=1, progress=False))  # about 25 s: at 150 steps the model fits too little
     export_bundle(tmp_path / "b.zip", tmp_path / "art",
                   ExportOptions(formats=["onnx"], with_physics=True))
     report = run_scan(tmp_path / "art", scan, tmp_path / "own", provider="cpu",
                       progress=False)["consistency"]
-    assert report["patterns"] == 144 and "anchor patch" in report["patches"]
+    assert report["patterns"] == 144 and "after the training's overlap step" in \
+        report["patches"]
+    assert report["probe_used"].startswith("the scan's own probe")
     assert 0.0 < report["r_factor"]["median"] < 1.0
     reference = report["reference"]["r_factor"]
     assert report["r_factor"]["median"] == pytest.approx(reference["median"], rel=0.05)
-    wide = run_scan(tmp_path / "art", _scan(tmp_path / "wide.npz", "smooth", 13,
-                                            probe_diameter=20.0),
-                    tmp_path / "wide", provider="cpu", progress=False)["consistency"]
-    assert wide["r_factor"]["median"] > 1.5 * report["r_factor"]["median"]
+    other = run_scan(tmp_path / "art", _scan(tmp_path / "lines.npz", "lines", 12),
+                     tmp_path / "lines", provider="cpu", progress=False)["consistency"]
+    # measured (2-core EPYC): median R 0.163 own, 0.235 lines; the training scan's p95 is
+    # 0.254 (its edge groups have fewer neighbours), so the p95 rule does not flag it here;
+    # the deviance does: median 47 own (p95 104), 198 lines
+    assert other["r_factor"]["median"] > 1.4 * report["r_factor"]["median"]
+    own_deviance = report["deviance_per_pixel"]
+    assert other["deviance_per_pixel"]["median"] > max(3 * own_deviance["median"],
+                                                       own_deviance["p95"])

@@ -222,12 +222,20 @@ def test_dft_physics_keeps_the_dynamic_batch(tiny_bundle: Path, tmp_path: Path) 
     facts = result.manifest["artifacts"]["physics"]
     assert facts["fft_impl"] == "dft" and "DFT" in facts["op_types"]
     session = _session(outdir / "physics.onnx")
-    assert [i.shape for i in session.get_inputs()] == [["batch", 1, N, N]] * 2
+    assert [i.shape for i in session.get_inputs()] == [["batch", 1, N, N]] * 2 + \
+        [["batch", N, N]] * 2
     rng = np.random.default_rng(0)
     feeds = {name: rng.uniform(0.1, 1.0, (3, 1, N, N)).astype(np.float32)
              for name in ("amplitude", "phase")}
+    feeds |= {name: rng.normal(size=(3, N, N)).astype(np.float32)
+              for name in ("probe_re", "probe_im")}
     (predicted,) = session.run(None, feeds)
     assert predicted.shape == (3, 1, N, N) and np.isfinite(predicted).all()
+    matmul = export_bundle(tiny_bundle, tmp_path / "matmul",
+                           ExportOptions(formats=["onnx"], with_physics=True))
+    assert "DFT" not in matmul.manifest["artifacts"]["physics"]["op_types"]
+    (same,) = _session(tmp_path / "matmul" / "physics.onnx").run(None, feeds)
+    np.testing.assert_allclose(same, predicted, rtol=0, atol=1e-4 * np.abs(predicted).max())
 
 
 # ---------------------------------------------------------------- golden + single file

@@ -42,7 +42,6 @@ class ScanDataModule(L.LightningDataModule):
         self.offsets = torch.from_numpy(offsets)
         self.batch_size = batch_size
         self.seed = seed
-        self.max_offset_px = float(np.abs(offsets).max()) if offsets.size else 0.0
 
     def _dataset(self, index: np.ndarray) -> TensorDataset:
         idx = torch.from_numpy(index)

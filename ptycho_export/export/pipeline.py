@@ -33,12 +33,10 @@ from ptycho_export.export.lint import ExportLintError, LintResult, lint_module
 from ptycho_export.export.wrapper import (
     INPUT_NAME,
     OUTPUT_NAMES,
-    PHYSICS_INPUT_NAMES,
     PHYSICS_OUTPUT_NAME,
-    FftPhysicsWrapper,
     InferenceWrapper,
-    MatmulPhysicsWrapper,
     ReducedPrecisionWrapper,
+    physics_wrapper,
 )
 from ptycho_export.parity import (
     FixedBatchRunner,
@@ -187,32 +185,47 @@ def _gate(rows: list[ParityRow]) -> list[str]:
     return [f"{r.candidate} [{r.case}] {f}" for r in rows if r.gated for f in r.failures]
 
 
+def golden_offsets(bundle: Bundle) -> np.ndarray | None:
+    """(G, C, 2) offsets of the golden groups (None at gridsize 1). Bundles written before
+    the golden data kept them get an illustrative grid instead: a step of N/4 + 0.37 px,
+    so the overlap step still meets whole and fractional parts."""
+    c = bundle.config.channels
+    if c == 1:
+        return None
+    if "offsets" in bundle.golden:
+        return np.asarray(bundle.golden["offsets"], dtype=np.float32)
+    g, step = bundle.config.gridsize, bundle.config.patch_size / 4 + 0.37
+    grid = np.array([[i * step, j * step] for i in range(g) for j in range(g)], np.float32)
+    return np.broadcast_to(grid, (len(bundle.golden["amplitudes"]), c, 2)).copy()
+
+
 def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance: float,
                     metadata: dict[str, str], outputs: dict[str, np.ndarray]
                     ) -> tuple[dict[str, Any], list[ParityRow]]:
-    n = bundle.config.patch_size
-    cls = MatmulPhysicsWrapper if options.fft_impl == "matmul" else FftPhysicsWrapper
-    physics = cls(bundle.probe.astype(np.complex128), bundle.normalization.amplitude_scale,
-                  bundle.normalization.probe_scale).eval()
-    amplitude = _example_batch(outputs["amplitude"], options.batch)
-    phase = _example_batch(outputs["phase"], options.batch)
-    example = (torch.from_numpy(amplitude), torch.from_numpy(phase))
+    from runtime.physics_check import physics_feed
+
+    n, c = bundle.config.patch_size, bundle.config.channels
+    physics = physics_wrapper(options.fft_impl, bundle.probe, bundle.normalization, c)
+    names = physics.input_names()
+    offsets = golden_offsets(bundle)
+    feeds = physics_feed(names, outputs["amplitude"], outputs["phase"], bundle.probe, offsets)
+    example = tuple(torch.from_numpy(_example_batch(feeds[name], options.batch))
+                    for name in names)
     # Both impls go through the lint: exporting the bare module would freeze the batch axis.
     linted = lint_module(physics, example, options.batch is None, formats=("onnx",))
     path = tmp / "physics.onnx"
-    save_onnx(linted.exported, example, path, options.opset,
-              list(PHYSICS_INPUT_NAMES), [PHYSICS_OUTPUT_NAME], metadata)
+    save_onnx(linted.exported, example, path, options.opset, list(names),
+              [PHYSICS_OUTPUT_NAME], metadata)
     b = "batch" if options.batch is None else options.batch
-    c = bundle.config.channels
-    facts = audit_onnx(path, {name: [b, c, n, n] for name in PHYSICS_INPUT_NAMES},
-                       {PHYSICS_OUTPUT_NAME: [b, c, n, n]}, options.opset)
-    reference = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,))
-    exact = eager_runner(physics, PHYSICS_INPUT_NAMES, (PHYSICS_OUTPUT_NAME,),
-                         dtype=torch.float64)
+    shapes = {"amplitude": [b, c, n, n], "phase": [b, c, n, n], "probe_re": [b, n, n],
+              "probe_im": [b, n, n], "offsets": [b, c, 2]}
+    facts = audit_onnx(path, {name: shapes[name] for name in names},
+                       {PHYSICS_OUTPUT_NAME: [b, 1, n, n]}, options.opset)
+    reference = eager_runner(physics, names, (PHYSICS_OUTPUT_NAME,))
+    exact = eager_runner(physics, names, (PHYSICS_OUTPUT_NAME,), dtype=torch.float64)
     candidate: Runner = OnnxRunner("onnxruntime cpu (physics)", path)
     if options.batch is not None:
         candidate = FixedBatchRunner(candidate, options.batch)
-    feeds = {"amplitude": outputs["amplitude"], "phase": outputs["phase"]}
     tolerances = {f"{PHYSICS_OUTPUT_NAME}_rel_max": tolerance}
     from runtime.compare import compare_outputs, tolerance_failures
 
@@ -225,9 +238,12 @@ def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance
         {k: v.astype(np.float64) for k, v in feeds.items()}).items()}
     rows.append(ParityRow(reference.name, exact.name, "golden",
                           compare_outputs(exact_out, expected), [], False))
-    facts.update({"file": path.name, "fft_impl": options.fft_impl,
-                  "inputs": list(PHYSICS_INPUT_NAMES), "output": PHYSICS_OUTPUT_NAME,
+    facts.update({"file": path.name, "fft_impl": options.fft_impl, "inputs": list(names),
+                  "output": PHYSICS_OUTPUT_NAME,
                   "units": "measured amplitudes (sqrt counts), same units as the input data",
+                  "predicts": "each group's anchor pattern (channel 0)"
+                              + (", after the training's overlap step" if c > 1 else ""),
+                  "probe_power": float(physics.probe_power),
                   "tolerance_rel_max": tolerance})
     return facts, rows
 

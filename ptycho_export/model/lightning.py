@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import numpy as np
 import torch
@@ -11,7 +9,7 @@ import torch
 from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.generator import PtychoNet
 from ptycho_export.normalization import Normalization
-from ptycho_export.overlap import merge_and_reextract
+from ptycho_export.overlap import OverlapMerge
 from ptycho_export.physics import LOSSES, FarField, polar_to_re_im
 from ptycho_export.schedule import cosine_decay
 
@@ -26,7 +24,6 @@ class PtychoModule(L.LightningModule):
         normalization: Normalization,
         learning_rate: float = 1e-3,
         loss: str = "poisson",
-        max_offset_px: float = 0.0,
         guide: np.ndarray | None = None,
         guide_weight: float = 10.0,
         warmup_fraction: float = 0.03,
@@ -45,7 +42,8 @@ class PtychoModule(L.LightningModule):
         self.learning_rate = learning_rate
         self.loss_name = loss
         self.loss_fn = LOSSES[loss]
-        self.overlap_pad = int(math.ceil(max_offset_px)) + 1
+        # the same step the physics graph applies when a deployed model is checked
+        self.overlap = OverlapMerge(config.patch_size) if config.channels > 1 else None
         self.guide_weight = float(guide_weight)
         self.warmup_fraction = float(warmup_fraction)
         # plain attributes, not buffers: training data, never part of a checkpoint or bundle
@@ -81,8 +79,8 @@ class PtychoModule(L.LightningModule):
         patches: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         obj_re, obj_im = patches if patches is not None else self.predicted_patches(amplitudes)
-        if self.config.channels > 1:
-            obj_re, obj_im = merge_and_reextract(obj_re, obj_im, offsets, self.overlap_pad)
+        if self.overlap is not None:
+            obj_re, obj_im = self.overlap(obj_re, obj_im, offsets)
         return self.physics(obj_re, obj_im)
 
     def guide_loss(self, patches: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor
