@@ -3,7 +3,7 @@ physics graph that checks a deployed model's patches.
 
 The C predicted patches of a group are placed at their relative offsets on a shared
 canvas, averaged where they overlap (each patch's outer pixels weigh little: see
-:func:`edge_taper`), and re-extracted before diffraction, so the network is rewarded for
+:func:`edge_ramp`), and re-extracted before diffraction, so the network is rewarded for
 patches that agree with their neighbours.
 
 Offsets are split into a whole part and a fraction. The fraction is a Fourier shift of the
@@ -49,32 +49,30 @@ def blend_pad_matrix(n: int, width: int = SHIFT_PAD) -> np.ndarray:
     return pad
 
 
-def shift_kernel_tables(n: int, width: int = SHIFT_PAD) -> dict[str, np.ndarray]:
-    """Fixed tables of the fractional shift of one axis (see :class:`OverlapMerge`).
+def shift_factors(n: int, width: int = SHIFT_PAD) -> dict[str, np.ndarray]:
+    """Fixed factors of the fractional shift of one patch axis (see :class:`OverlapMerge`).
 
-    A circular shift by f of a length-m signal is the circulant matrix of
-    h(d) = 1/m sum_k exp(2 pi i nu_k (d - f)) (nu = fftfreq(m)): exactly what
-    ``ifft(fft(x) * exp(-2 pi i nu f))`` computes. ``cos``/``sin`` hold cos/sin(2 pi nu_k d)
-    for d = -(m-1)..m-1, ``index`` picks, for each kept output row a and padded input b,
-    the entry d = a + width - b."""
+    Padding by P (:func:`blend_pad_matrix`), a circular shift by f, and cropping back is
+    A(f) = L diag(exp(-2 pi i nu f)) R with L = crop(conj(W)) / m and R = W P, W the
+    unnormalised DFT of the padded length m and nu = fftfreq(m): exactly what
+    ``ifft(fft(P x) * exp(-2 pi i nu f))`` cropped computes. A(f)^T = R^T diag(.) L^T."""
     m = n + 2 * width
-    nu = np.fft.fftfreq(m)
-    d = np.arange(-(m - 1), m)
-    angle = 2 * np.pi * nu[:, None] * d[None, :]
-    rows = np.arange(n)[:, None] + width
-    index = (rows - np.arange(m)[None, :]) + (m - 1)
-    return {"nu": nu, "cos": np.cos(angle), "sin": np.sin(angle), "index": index,
-            "pad": blend_pad_matrix(n, width)}
+    k = np.arange(m)
+    w = np.exp(-2j * np.pi * np.outer(k, k) / m)
+    left = np.conj(w)[width:width + n] / m  # (n, m)
+    right = w @ blend_pad_matrix(n, width)  # (m, n)
+    return {"nu": np.fft.fftfreq(m), "left_re": left.real, "left_im": left.imag,
+            "right_re": right.real, "right_im": right.imag}
 
 
-def edge_taper(n: int) -> np.ndarray:
-    """(N, N) merge weight: 1 inside, falling linearly to 1e-3 over the outer EDGE_TAPER
-    pixels. A fractional shift is least exact at a patch's own border (that pixel is
-    extrapolated); with this weight the neighbours' interiors decide the average there."""
+def edge_ramp(n: int) -> np.ndarray:
+    """(N,) merge weight along one axis: 1 inside, falling linearly to 1e-3 over the outer
+    EDGE_TAPER pixels. A fractional shift is least exact at a patch's own border (that pixel
+    is extrapolated); with this weight the neighbours' interiors decide the average there.
+    A patch pixel weighs ramp[row] * ramp[col]."""
     v = np.arange(n)
     edge = np.minimum(v, n - 1 - v)
-    ramp = np.clip((edge + 0.5) / EDGE_TAPER, 1e-3, 1.0)
-    return ramp[:, None] * ramp[None, :]
+    return np.clip((edge + 0.5) / EDGE_TAPER, 1e-3, 1.0)
 
 
 class OverlapMerge(nn.Module):
@@ -89,49 +87,56 @@ class OverlapMerge(nn.Module):
     def __init__(self, n: int, anchor_only: bool = False) -> None:
         super().__init__()
         self.n, self.anchor_only = n, anchor_only
-        tables = shift_kernel_tables(n)
-        for name, value in tables.items():
-            dtype = torch.long if name == "index" else torch.float32
-            self.register_buffer(name, torch.as_tensor(value, dtype=dtype), persistent=False)
-        self.register_buffer("taper", torch.as_tensor(edge_taper(n).reshape(-1),
-                                                      dtype=torch.float32), persistent=False)
+        for name, value in shift_factors(n).items():
+            self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32),
+                                 persistent=False)
+        self.register_buffer("ramp", torch.as_tensor(edge_ramp(n), dtype=torch.float32),
+                             persistent=False)
 
-    def _operators(self, frac: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., N, N) re/im of the matrices that sample a patch axis at r - sign * frac."""
-        beta = (sign * 2.0 * math.pi * frac).unsqueeze(-1) * self.nu  # (..., M)
-        cos_b, sin_b = torch.cos(beta), torch.sin(beta)
-        m = self.nu.shape[0]
-        h_re = (cos_b @ self.cos + sin_b @ self.sin) / m  # (..., 2M-1): h(d - sign f)
-        h_im = (cos_b @ self.sin - sin_b @ self.cos) / m
-        return h_re[..., self.index] @ self.pad, h_im[..., self.index] @ self.pad
+    def _operator(self, frac: torch.Tensor, sign: float, transposed: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., N, N) re/im of A(sign * frac) (or its transpose) for frac (...): a
+        broadcast product and two MatMuls with fixed factors, no gather."""
+        beta = (-sign * 2.0 * math.pi * frac).unsqueeze(-1).unsqueeze(-2) * self.nu
+        e_re, e_im = torch.cos(beta), torch.sin(beta)  # (..., 1, M)
+        if transposed:
+            l_re, l_im = self.right_re.t(), self.right_im.t()
+            r_re, r_im = self.left_re.t(), self.left_im.t()
+        else:
+            l_re, l_im, r_re, r_im = self.left_re, self.left_im, self.right_re, self.right_im
+        u_re, u_im = l_re * e_re - l_im * e_im, l_re * e_im + l_im * e_re
+        return u_re @ r_re - u_im @ r_im, u_re @ r_im + u_im @ r_re
 
     def _shift(self, fields: torch.Tensor, frac: torch.Tensor, sign: float) -> torch.Tensor:
-        """fields (B, K, 2, N, N) sampled at r - sign * frac (frac (B, K, 2), in [0, 1))."""
-        ay_re, ay_im = self._operators(frac[..., 0], sign)
-        ax_re, ax_im = self._operators(frac[..., 1], sign)
-        ay_re, ay_im = ay_re.unsqueeze(2), ay_im.unsqueeze(2)
-        ax_re, ax_im = ax_re.unsqueeze(2).transpose(-1, -2), ax_im.unsqueeze(2).transpose(-1, -2)
-        return ay_re @ fields @ ax_re - ay_im @ fields @ ax_im
+        """fields (B, K, 2, N, N) sampled at r - sign * frac (frac (B, K, 2), in [0, 1)):
+        Re(A_y X A_x^T) with A the complex operator of each axis."""
+        ay_re, ay_im = self._operator(frac[..., 0], sign, transposed=False)
+        ax_re_t, ax_im_t = self._operator(frac[..., 1], sign, transposed=True)
+        return (ay_re.unsqueeze(2) @ fields @ ax_re_t.unsqueeze(2)
+                - ay_im.unsqueeze(2) @ fields @ ax_im_t.unsqueeze(2))
 
     def _gather_windows(self, placed: torch.Tensor, whole: torch.Tensor,
                         targets: torch.Tensor) -> torch.Tensor:
         """Weighted average, over a group's patches, of the pixels that land on each target
         window: placed (B, C, 2, N, N), whole (B, C, 2) and targets (B, K, 2) integer
-        offsets -> (B, K, 2, N, N)."""
+        offsets -> (B, K, 2, N, N). The weight is the edge taper, separable per axis."""
         b, c, _, n, _ = placed.shape
         k = targets.shape[1]
         rel = targets.unsqueeze(2) - whole.unsqueeze(1)  # (B, K, C, 2)
         axis = torch.arange(n, device=placed.device).view(1, 1, 1, n)
         rows, cols = axis + rel[..., 0:1], axis + rel[..., 1:2]  # (B, K, C, N)
-        inside = (((rows >= 0) & (rows < n)).unsqueeze(-1)
-                  & ((cols >= 0) & (cols < n)).unsqueeze(-2)).to(placed.dtype)
-        flat = rows.clamp(0, n - 1).unsqueeze(-1) * n + cols.clamp(0, n - 1).unsqueeze(-2)
-        flat = flat.reshape(b, k, c, 1, n * n)
-        source = placed.reshape(b, 1, c, 2, n * n).expand(b, k, c, 2, n * n)
-        values = source.gather(-1, flat.expand(b, k, c, 2, n * n))
-        weight = self.taper[flat] * inside.reshape(b, k, c, 1, n * n)
-        merged = (values * weight).sum(2) / weight.sum(2).clamp_min(1e-9)
-        return merged.reshape(b, k, 2, n, n)
+        rows_in, cols_in = rows.clamp(0, n - 1), cols.clamp(0, n - 1)
+        ramp_rows = self.ramp.index_select(0, rows_in.reshape(-1)).view(b, k, c, n) * \
+            ((rows >= 0) & (rows < n)).to(placed.dtype)
+        ramp_cols = self.ramp.index_select(0, cols_in.reshape(-1)).view(b, k, c, n) * \
+            ((cols >= 0) & (cols < n)).to(placed.dtype)
+        weight = (ramp_rows.unsqueeze(-1) * ramp_cols.unsqueeze(-2)).unsqueeze(3)
+        flat = (rows_in.unsqueeze(-1) * n + cols_in.unsqueeze(-2)).reshape(b, k, c, 1, n * n)
+        source = placed.reshape(b, 1, c, 2, n * n)
+        if k > 1:
+            source = source.expand(b, k, c, 2, n * n)
+        values = source.gather(-1, flat.expand(b, k, c, 2, n * n)).view(b, k, c, 2, n, n)
+        return (values * weight).sum(2) / weight.sum(2).clamp_min(1e-9)
 
     def forward(self, obj_re: torch.Tensor, obj_im: torch.Tensor, offsets: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,10 +146,13 @@ class OverlapMerge(nn.Module):
         whole = torch.floor(offsets)
         frac = offsets - whole
         whole = whole.long()
-        placed = self._shift(torch.stack((obj_re, obj_im), dim=2), frac, +1.0)
-        if self.anchor_only:
+        fields = torch.stack((obj_re, obj_im), dim=2)
+        if self.anchor_only:  # the anchor's own fraction is zero: shift the others only
+            placed = torch.cat((fields[:, :1], self._shift(fields[:, 1:], frac[:, 1:], +1.0)),
+                               dim=1)
             windows = self._gather_windows(placed, whole, whole[:, :1])
             return windows[:, :, 0], windows[:, :, 1]
+        placed = self._shift(fields, frac, +1.0)
         back = self._shift(self._gather_windows(placed, whole, whole), frac, -1.0)
         return back[:, :, 0], back[:, :, 1]
 

@@ -129,3 +129,29 @@ def test_overlap_merge_is_near_identity_for_consistent_patches_at_fractional_off
     # measured: mean 0.23-0.25 %, 2 px inside at most 1.3 % (bilinear: 0.65-0.82 %, 2.2 %)
     assert error.mean() < 3e-3, error.mean()
     assert error[..., 2:-2, 2:-2].max() < 1.5e-2
+
+
+def test_matmul_fractional_shift_is_the_padded_fft_shift():
+    """The shift the overlap step (and so the physics graph) does with fixed MatMul factors
+    is numpy's ifft(fft(P x) * exp(-2 pi i nu f)), cropped (factors stored float32: 1e-6)."""
+    from ptycho_export.overlap import SHIFT_PAD, OverlapMerge, blend_pad_matrix
+
+    rng = np.random.default_rng(11)
+    n = 16
+    x = rng.normal(size=(1, 2, 2, n, n))
+    frac = np.array([[[0.3, 0.75], [0.0, 0.5]]])
+    merge = OverlapMerge(n).double()
+    got = merge._shift(torch.from_numpy(x), torch.from_numpy(frac), +1.0).numpy()  # noqa: SLF001
+    pad = blend_pad_matrix(n)
+    nu = np.fft.fftfreq(n + 2 * SHIFT_PAD)
+    for k in range(2):
+        fy, fx = frac[0, k]
+        for field in range(2):
+            padded = pad @ x[0, k, field] @ pad.T
+            spectrum = np.fft.fft2(padded) * np.exp(-2j * np.pi * (nu[:, None] * fy
+                                                                   + nu[None, :] * fx))
+            want = np.fft.ifft2(spectrum).real[SHIFT_PAD:-SHIFT_PAD, SHIFT_PAD:-SHIFT_PAD]
+            np.testing.assert_allclose(got[0, k, field], want, rtol=0, atol=1e-6)
+    # a whole-pixel fraction of 0 is the identity
+    np.testing.assert_allclose(merge._shift(torch.from_numpy(x), torch.zeros(1, 2, 2,  # noqa: SLF001
+                               dtype=torch.float64), +1.0).numpy(), x, atol=1e-6)
