@@ -86,7 +86,7 @@ step onnxruntime-gpu install_ort_gpu
 step install "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
 step facts-after facts
 step pytest-gpu "$PY" -m pytest -q -m gpu -p no:cacheprovider
-step simulate ptycho-simulate "$WORK/scan.npz" --rows 48 --cols 48
+step simulate ptycho-simulate -o "$WORK/scan.npz" --rows 48 --cols 48
 step train ptycho-train "$WORK/scan.npz" -o "$WORK/bundle.zip" --preset default --epochs 20 \
     --accelerator gpu --devices 1 --no-progress
 step export ptycho-export "$WORK/bundle.zip" --format all -o "$WORK/export" --with-physics
@@ -94,8 +94,8 @@ step run-onnx-cuda ptycho-run "$WORK/export" "$WORK/scan.npz" --provider cuda -o
 step run-torchscript-cuda ptycho-run "$WORK/export/model.ts" "$WORK/scan.npz" --provider cuda \
     -o "$WORK/run_ts_cuda"
 step parity ptycho-parity "$WORK/bundle.zip" "$WORK/export" "$WORK/scan.npz" -o "$WORK/parity"
-step bench ptycho-bench --bundle "$WORK/bundle.zip" --artifacts "$WORK/export" \
-    --batch-sizes 64,256,1024 --max-seconds 20 --out "$WORK/bench"
+step bench ptycho-bench "$WORK/bundle.zip" --artifacts "$WORK/export" \
+    --batch-sizes 64,256,1024 --max-seconds 20 -o "$WORK/bench"
 
 printf '\n%s failed step(s). Full output: gpu-check.log; reports: gpu-check.tar.gz\n' \
     "$FAILED" >>"$SUMMARY"

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cli.common import require_train_extra, run_guarded
+from cli.common import one_path, require_train_extra, run_guarded
 from runtime.errors import EnvironmentProblem
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -46,9 +46,13 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 @app.command()
 def bench_command(
-    bundle: Annotated[Path | None, typer.Option(
+    bundle_arg: Annotated[Path | None, typer.Argument(
+        metavar="BUNDLE", show_default=False,
         help="Bundle to benchmark. Default: a seeded random-weight model of --preset (weights "
              "do not change speed).")] = None,
+    bundle: Annotated[Path | None, typer.Option(
+        "--bundle", help="Older spelling of the BUNDLE argument.", show_default=False)
+    ] = None,
     artifacts: Annotated[Path | None, typer.Option(
         help="Already exported folder (model.onnx, model.ts, model.pt2) of that bundle: "
              "skips the export step.")] = None,
@@ -74,7 +78,8 @@ def bench_command(
                                                        "timing (0 skips).")] = None,
     scan_grid: Annotated[int | None, typer.Option(min=0, help="End-to-end scan of G x G "
                                                   "positions (0 skips).")] = None,
-    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("bench/results"),
+    out: Annotated[Path, typer.Option("-o", "--output", "--out", help="Results folder.")
+                   ] = Path("bench/results"),
     machine: Annotated[str | None, typer.Option(
         help="Name of the results files (default: cpu-<cores>core-<cpu model>).")] = None,
     gpu: Annotated[bool, typer.Option(help="Run the CUDA section when a device exists.")
@@ -91,6 +96,9 @@ def bench_command(
 ) -> None:
     """Throughput, latency, memory of eager / TorchScript / .pt2 / onnxruntime, same inputs."""
 
+    chosen = None if bundle_arg is None and bundle is None else \
+        one_path(bundle_arg, bundle, "bundle", "BUNDLE")
+
     def body() -> None:
         require_train_extra("ptycho-bench")
         bench = load_bench()
@@ -98,7 +106,7 @@ def bench_command(
                       batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes else None,
                       repeats=repeats, warmup=warmup, sweep_batch=sweep_batch,
                       sweep_repeats=sweep_repeats, threads=threads, max_seconds=max_seconds,
-                      stitch_patches=stitch_patches, scan_grid=scan_grid, bundle=bundle,
+                      stitch_patches=stitch_patches, scan_grid=scan_grid, bundle=chosen,
                       artifacts=artifacts, machine=machine, gpu=gpu, seed=seed,
                       malloc_tuned=malloc_tuned,
                       command=shlex.join(["ptycho-bench", *sys.argv[1:]]))

@@ -9,6 +9,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from runtime.errors import (
@@ -56,6 +57,21 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def one_path(positional: Path | None, option: Path | None, what: str,
+             option_name: str = "-o/--output") -> Path:
+    """The path a command was given either way: the option, or the older positional
+    spelling kept as an alias. Both at once must agree; neither is a usage error (exit 2)."""
+    import typer
+
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"{what} given twice ({positional} and {option}); give "
+                                 f"{option_name} only")
+    path = option if option is not None else positional
+    if path is None:
+        raise typer.BadParameter(f"missing {what}: give {option_name} PATH")
+    return path
 
 
 def run_guarded(action: Callable[[], T], verbose: bool = False) -> T:

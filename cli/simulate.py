@@ -1,4 +1,4 @@
-"""ptycho-simulate OUT.npz: a seeded synthetic scan in the npz data contract."""
+"""ptycho-simulate -o OUT.npz: a seeded synthetic scan in the npz data contract."""
 
 from __future__ import annotations
 
@@ -7,14 +7,18 @@ from typing import Annotated
 
 import typer
 
-from cli.common import run_guarded
+from cli.common import one_path, run_guarded
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
 
 @app.command()
 def simulate_command(
-    output: Annotated[Path, typer.Argument(help="npz file to write.")],
+    output_arg: Annotated[Path | None, typer.Argument(
+        metavar="OUTPUT", help="npz file to write (older spelling of -o).",
+        show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="npz file to write.", show_default=False)] = None,
     patch_size: Annotated[int, typer.Option(help="Pattern size N (even).")] = 64,
     rows: Annotated[int, typer.Option(min=1, help="Scan rows.")] = 24,
     cols: Annotated[int, typer.Option(min=1, help="Scan columns.")] = 24,
@@ -32,6 +36,8 @@ def simulate_command(
     """Simulate a complex object, a defocused disc probe, a jittered raster scan and
     Poisson counts; write amplitudes (sqrt of counts) with ground truth."""
 
+    target = one_path(output_arg, output, "output file")
+
     def body() -> None:
         from ptycho_export.data.simulate import SimulationConfig, simulate_scan
         from runtime.scan import save_scan
@@ -41,8 +47,8 @@ def simulate_command(
                                   defocus=defocus, photons_per_pattern=photons,
                                   object_kind=object_kind, seed=seed)
         scan = simulate_scan(config)
-        save_scan(output, scan)
-        typer.echo(f"wrote {output}: {scan.n_patterns} patterns of {patch_size}x{patch_size}, "
+        save_scan(target, scan)
+        typer.echo(f"wrote {target}: {scan.n_patterns} patterns of {patch_size}x{patch_size}, "
                    f"object {scan.object_truth.shape[0]}x{scan.object_truth.shape[1]}")
 
     run_guarded(body, verbose)
