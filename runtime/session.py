@@ -42,7 +42,6 @@ __all__ = [
     "import_onnxruntime",
     "measure_node_placement",
     "parse_profile",
-    "provider_node_counts",
 ]
 
 PROVIDER_EPS: dict[str, str] = {
@@ -326,27 +325,6 @@ def measure_node_placement(session: Any, feed: dict[str, np.ndarray],
         if info is not None and info.profile_dir is not None:
             shutil.rmtree(info.profile_dir, ignore_errors=True)
             info.profile_dir = None
-
-
-def dummy_feed(session: Any, batch: int = 1) -> dict[str, np.ndarray]:
-    """Zeros shaped like each input, with any symbolic dimension set to ``batch``."""
-    feed = {}
-    for value in session.get_inputs():
-        shape = [d if isinstance(d, int) else batch for d in value.shape]
-        feed[value.name] = np.zeros(shape, dtype=np.float32)
-    return feed
-
-
-def provider_node_counts(model_path: str | os.PathLike[str], provider: str = "auto",
-                         threads: int | None = None) -> dict[str, int]:
-    """Nodes per provider after graph optimisation, e.g. {"CPUExecutionProvider": 31}.
-
-    A session on CUDA can still run some nodes on the CPU (ops with no CUDA kernel), each
-    with host<->device copies; this shows how many.
-    """
-    session, info = create_session(model_path, provider, threads, profile=True)
-    placement = measure_node_placement(session, dummy_feed(session), info)
-    return {p: sum(ops.values()) for p, ops in placement.items()}
 
 
 # --------------------------------------------------------------------------- CUDA device
