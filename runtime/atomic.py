@@ -18,6 +18,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -197,8 +198,32 @@ def temp_dir_beside(outdir: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (POSIX) until the block is done: a swap and its cleanup
+    then finish whole, and the signal is handled right after (our handlers still exit
+    with its code). Elsewhere, or off the main thread's mask support, a no-op."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = mask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
 def replace_dir(tmp: Path, outdir: Path) -> None:
-    """Swap the finished temp folder in; an older output survives until the swap."""
+    """Swap the finished temp folder in; an older output survives until the swap. A
+    signal during the swap or the removal of the old output waits until both are done,
+    so neither a half-removed old folder nor a missing output is left behind."""
+    with signals_deferred():
+        _swap_dir(tmp, outdir)
+
+
+def _swap_dir(tmp: Path, outdir: Path) -> None:
     backup = None
     if outdir.exists():
         backup = _beside(outdir, "old")

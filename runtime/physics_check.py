@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,23 +67,33 @@ def compare_probes(report: dict[str, Any], spec: ArtifactSpec, scan_probe: np.nd
             "illumination"]
 
 
-def physics_feed(inputs: tuple[str, ...], amplitude: np.ndarray, phase: np.ndarray,
-                 probe: np.ndarray | None, offsets: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The physics graph's float32 feed for the inputs it names: a group's patches
-    (B, C, N, N), the scan's probe (N, N, broadcast to every pattern) and, at gridsize > 1,
-    the group's offsets (B, C, 2) from its anchor (runtime.grouping.group_offsets)."""
-    b = len(amplitude)
-    feed = {"amplitude": amplitude, "phase": phase}
+def side_feed(inputs: tuple[str, ...], b: int, probe: np.ndarray | None,
+              offsets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The physics graph's inputs besides the patches, float32: the scan's probe (N, N,
+    broadcast to the b patterns) and, at gridsize > 1, the group's offsets (b, C, 2) from
+    its anchor (runtime.grouping.group_offsets)."""
+    feed: dict[str, np.ndarray] = {}
     if probe is not None:
         probe = np.asarray(probe)
         feed["probe_re"] = np.broadcast_to(probe.real, (b, *probe.shape))
         feed["probe_im"] = np.broadcast_to(probe.imag, (b, *probe.shape))
     if offsets is not None:
         feed["offsets"] = offsets
-    missing = [name for name in inputs if name not in feed]
+    wanted = [name for name in inputs if name not in ("amplitude", "phase")]
+    missing = [name for name in wanted if name not in feed]
     if missing:
         raise ValueError(f"the physics graph needs {missing}")
-    return {name: np.ascontiguousarray(feed[name], dtype=np.float32) for name in inputs}
+    return {name: np.ascontiguousarray(feed[name], dtype=np.float32) for name in wanted}
+
+
+def physics_feed(inputs: tuple[str, ...], amplitude: np.ndarray, phase: np.ndarray,
+                 probe: np.ndarray | None, offsets: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The physics graph's whole float32 feed: a group's patches (B, C, N, N) and
+    :func:`side_feed`."""
+    feed = {"amplitude": np.ascontiguousarray(amplitude, dtype=np.float32),
+            "phase": np.ascontiguousarray(phase, dtype=np.float32)}
+    feed |= side_feed(inputs, len(amplitude), probe, offsets)
+    return {name: feed[name] for name in inputs}
 
 
 @dataclass
@@ -96,6 +106,7 @@ class PhysicsSession:
     inputs: tuple[str, ...]
     output: str
     batch: int | None
+    device_probe: dict[tuple[str, int, int], Any] = field(default_factory=dict, repr=False)
 
     @property
     def takes_probe(self) -> bool:
@@ -116,6 +127,41 @@ class PhysicsSession:
                 offsets = np.resize(offsets, (self.batch, *offsets.shape[1:]))
         feed = physics_feed(self.inputs, amplitude, phase, probe, offsets)
         return self.session.run([self.output], feed)[0][:real, :1]
+
+    def predict_bound(self, model_outputs: dict[str, Any], probe: np.ndarray | None,
+                      offsets: np.ndarray | None, real: int, ort: Any, device: str,
+                      device_id: int) -> np.ndarray:
+        """As :meth:`predict`, from the model's outputs left on the device (the OrtValues of
+        runtime.session.IOBindingRunner.last_outputs, padded to a fixed batch already):
+        only the probe and offsets go up, only the (B, 1, N, N) prediction comes back."""
+        amplitude = model_outputs["amplitude"]
+        b = int(amplitude.shape()[0])
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.inputs[0], amplitude)
+        binding.bind_ortvalue_input(self.inputs[1], model_outputs["phase"])
+        if offsets is not None and len(offsets) < b:
+            offsets = np.resize(offsets, (b, *offsets.shape[1:]))
+        for name, value in self._side_inputs(b, probe, offsets, ort, device,
+                                             device_id).items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(self.output, device, device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0][:real, :1]
+
+    def _side_inputs(self, b: int, probe: np.ndarray | None, offsets: np.ndarray | None,
+                     ort: Any, device: str, device_id: int) -> dict[str, Any]:
+        """Probe and offsets as device OrtValues; the probe is uploaded once per batch size
+        (it is the same for every batch of a scan)."""
+        values = {}
+        for name, array in side_feed(self.inputs, b, probe, offsets).items():
+            key = (name, b, id(probe))
+            if name.startswith("probe_") and key in self.device_probe:
+                values[name] = self.device_probe[key]
+                continue
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
+            if name.startswith("probe_"):
+                self.device_probe[key] = values[name]
+        return values
 
     def describe(self, channels: int) -> dict[str, str]:
         """What the check compares, for the report."""

@@ -703,6 +703,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     consistency = ConsistencyAccumulator() if physics is not None else None
     offsets = (group_offsets(scan.positions_px, groups)
                if physics is not None and physics.merges_overlap else None)
+    bound_physics = physics is not None and runner is not None
     if max_residual is not None and consistency is None:
         raise RunUsageError(f"--max-residual needs the data-consistency check, which this "
                             f"artifact cannot run: {physics_why}")
@@ -723,10 +724,15 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
                          anchor_positions[start:stop])
             if consistency is not None:
                 t_phys = time.perf_counter()
-                consistency.add(scan.amplitudes[groups[start:stop, :1]],
-                                physics.predict(out["amplitude"], out["phase"], scan.probe,
-                                                None if offsets is None
-                                                else offsets[start:stop]))
+                group_offsets_now = None if offsets is None else offsets[start:stop]
+                if bound_physics:  # the model's outputs stay on the device
+                    predicted = physics.predict_bound(
+                        runner.last_outputs(), scan.probe, group_offsets_now, stop - start,
+                        runner.ort, runner.device, runner.device_id)
+                else:
+                    predicted = physics.predict(out["amplitude"], out["phase"], scan.probe,
+                                                group_offsets_now)
+                consistency.add(scan.amplitudes[groups[start:stop, :1]], predicted)
                 consistency.seconds += time.perf_counter() - t_phys
             elapsed = time.perf_counter() - t0
             bar.update(task, completed=stop,
@@ -739,6 +745,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
         infer_s -= consistency.seconds
         consistency_report = consistency.report(anchor_positions)
         consistency_report.update(physics.describe(spec.channels))
+        consistency_report["model_outputs_stay_on_device"] = bound_physics
         consistency_report["seconds_per_inference_second"] = round(
             consistency.seconds / infer_s, 4) if infer_s > 0 else None
         warnings.extend(compare_with_training(consistency_report,

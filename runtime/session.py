@@ -352,6 +352,7 @@ class IOBindingRunner:
         self.device_id, self.output_dtype = int(device_id), output_dtype
         self.binding = session.io_binding()
         self._outputs: dict[int, list[Any]] = {}
+        self._last_batch = 0
 
     def _device_outputs(self, batch: int) -> list[Any]:
         outputs = self._outputs.get(batch)
@@ -368,7 +369,14 @@ class IOBindingRunner:
         for name, out in zip(self.output_names, self._device_outputs(len(x)), strict=True):
             self.binding.bind_ortvalue_output(name, out)
         self.session.run_with_iobinding(self.binding)
+        self._last_batch = len(x)
         return list(self.binding.copy_outputs_to_cpu())
+
+    def last_outputs(self) -> dict[str, Any]:
+        """The last batch's outputs as the device OrtValues they were computed into (valid
+        until the next call): a second graph can read them without a round trip."""
+        return dict(zip(self.output_names, self._device_outputs(self._last_batch),
+                        strict=True))
 
 
 def _nvidia_smi_id(device_id: int) -> str:

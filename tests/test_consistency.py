@@ -92,6 +92,36 @@ def test_the_residual_separates_scans_the_model_has_not_seen(fitted: tuple[Path,
     assert other["deviance_per_pixel"]["median"] > 3 * own["deviance_per_pixel"]["median"]
 
 
+def test_io_binding_run_keeps_the_model_outputs_for_the_physics(fitted: tuple[Path, Path]
+                                                                 ) -> None:
+    """Through a real CPU session with IO binding (the calls ptycho-run makes on CUDA): the
+    physics graph reads the model's bound outputs and gives what it gives from host
+    copies, for a full and a short batch."""
+    import onnxruntime
+
+    from runtime.manifest import load_artifact
+    from runtime.physics_check import open_physics
+    from runtime.run import _output_shape, iter_batches
+    from runtime.scan import load_scan
+    from runtime.session import IOBindingRunner, create_session
+
+    art, scan_path = fitted
+    spec = load_artifact(art)
+    scan = load_scan(scan_path)
+    session, _ = create_session(spec.model_path, "cpu")
+    runner = IOBindingRunner(session, onnxruntime, spec.input_name, spec.output_names,
+                             lambda name, b: _output_shape(spec, name, b), device="cpu")
+    physics, _ = open_physics(spec, "cpu", None, 0)
+    x = np.asarray(scan.amplitudes[:, None], dtype=np.float32)[:40]
+    for start, stop, out in iter_batches(session, spec, len(x), lambda a, b: x[a:b], 32,
+                                         runner):
+        host = physics.predict(out["amplitude"], out["phase"], scan.probe)
+        bound = physics.predict_bound(runner.last_outputs(), scan.probe, None, stop - start,
+                                      onnxruntime, "cpu", 0)
+        assert bound.shape == (stop - start, 1, *x.shape[-2:])
+        np.testing.assert_array_equal(bound, host)
+
+
 def test_without_a_physics_graph_the_report_says_why(trained_bundle: Path,
                                                       tmp_path: Path) -> None:
     from ptycho_export.export.pipeline import ExportOptions, export_bundle
@@ -247,6 +277,16 @@ def test_physics_graph_is_the_training_physics_with_the_scans_own_probe(
     other = np.roll(tiny_parts.probe, 3, axis=1) * np.exp(0.5j * np.arange(n) / n)
     assert np.abs(graph(other) - training(other)).max() < 1e-4 * np.abs(expected).max()
     assert np.abs(graph(other) - expected).max() > 0.05 * np.abs(expected).max()
+    # the device path (model outputs left where IO binding put them) gives the same
+    from runtime.physics_check import PhysicsSession
+
+    physics = PhysicsSession(session, names, "predicted_diffraction", None)
+    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()), "cpu", 0)
+              for name, v in (("amplitude", amplitude), ("phase", phase))}
+    for _ in range(2):  # the second call reuses the probe already on the device
+        bound = physics.predict_bound(values, tiny_parts.probe, offsets[:2], 2, ort, "cpu", 0)
+        np.testing.assert_allclose(bound, got[:2], rtol=0, atol=1e-6 * np.abs(got).max())
+    assert len(physics.device_probe) == 2
 
 
 def test_gridsize_2_checks_each_groups_anchor_patch(tmp_path: Path) -> None:

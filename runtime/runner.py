@@ -1,0 +1,241 @@
+"""One runner protocol for every way this project runs a model: onnxruntime here, the torch
+runners (eager, TorchScript, `.pt2`) in ptycho_export.parity, found through a registry.
+
+A runner is activated (its session or module built), says what it takes
+(:meth:`Runner.input_metadata`), runs named float32 numpy inputs to named numpy outputs
+(:meth:`Runner.infer`, the feed checked against that metadata first), and is deactivated.
+The export gate, ptycho-parity, ptycho-bench and ptycho-run then loop over runners instead
+of each opening models its own way.
+
+The runtime never imports the torch side by name: torch runners register under a kind
+(``torchscript``, ``pt2``, ...) through the ``ptycho_export.runners`` entry points, loaded
+the first time a kind this module does not know is asked for. Pure numpy + onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Protocol
+
+import numpy as np
+
+ENTRY_POINT_GROUP = "ptycho_export.runners"
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One input a runner takes: its name, shape (None where any size goes: a dynamic
+    batch) and dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str = "float32"
+
+    def problem(self, value: np.ndarray) -> str:
+        """'' when ``value`` fits, else what does not."""
+        if value.dtype != np.dtype(self.dtype):
+            return f"{self.name} is {value.dtype}, expected {self.dtype}"
+        if value.ndim != len(self.shape) or any(
+                want is not None and got != want for got, want in zip(value.shape, self.shape,
+                                                                      strict=True)):
+            shown = ", ".join("?" if d is None else str(d) for d in self.shape)
+            return f"{self.name} has shape {value.shape}, expected ({shown})"
+        return ""
+
+
+class Runner(Protocol):
+    """What every runner does (Polygraphy's runner shape)."""
+
+    name: str
+
+    def activate(self) -> None: ...
+
+    def input_metadata(self) -> list[TensorMeta]: ...
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def deactivate(self) -> None: ...
+
+
+class RunnerError(ValueError):
+    """A feed that does not fit the runner's inputs."""
+
+
+class BaseRunner:
+    """The protocol's bookkeeping: activate on first use, check every feed against the
+    input metadata, context-manager use. Subclasses implement :meth:`_activate`,
+    :meth:`_metadata` and :meth:`_infer` (and :meth:`_deactivate` if they hold anything)."""
+
+    name: str = "runner"
+    check_dtype: bool = True  # False for a runner that is fed another precision on purpose
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def activate(self) -> None:
+        if not self.active:
+            self._activate()
+            self.active = True
+
+    def deactivate(self) -> None:
+        if self.active:
+            self._deactivate()
+            self.active = False
+
+    def __enter__(self) -> BaseRunner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.deactivate()
+
+    def input_metadata(self) -> list[TensorMeta]:
+        self.activate()
+        return self._metadata()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.activate()
+        wanted = self._metadata()
+        missing = [meta.name for meta in wanted if meta.name not in feed]
+        if missing:
+            raise RunnerError(f"{self.name}: the feed lacks {missing} (it has "
+                              f"{sorted(feed)})")
+        ready = {}
+        for meta in wanted:
+            value = np.asarray(feed[meta.name])
+            if not self.check_dtype:
+                meta = TensorMeta(meta.name, meta.shape, str(value.dtype))
+            problem = meta.problem(value)
+            if problem:
+                raise RunnerError(f"{self.name}: {problem}")
+            ready[meta.name] = np.ascontiguousarray(value)
+        return self._infer(ready)
+
+    def _activate(self) -> None:
+        pass
+
+    def _deactivate(self) -> None:
+        pass
+
+    def _metadata(self) -> list[TensorMeta]:
+        raise NotImplementedError
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
+               "tensor(float16)": "float16", "tensor(int64)": "int64"}
+
+
+class OrtRunner(BaseRunner):
+    """An onnxruntime session: built from a path on activation (through
+    runtime.session.create_session, which checks that the provider really runs and keeps
+    CUDA TF32 off), or an already built one."""
+
+    def __init__(self, name: str, path: str | os.PathLike[str] | None = None, *,
+                 provider: str = "cpu", threads: int | None = None, session: Any = None
+                 ) -> None:
+        super().__init__()
+        if (path is None) == (session is None):
+            raise ValueError("OrtRunner takes a model path or a session, not both")
+        self.name, self.path, self.provider, self.threads = name, path, provider, threads
+        self.session = session
+
+    def _activate(self) -> None:
+        if self.session is None:
+            from runtime.session import create_session
+
+            self.session, _ = create_session(self.path, self.provider, self.threads)
+
+    def _deactivate(self) -> None:
+        if self.path is not None:
+            self.session = None
+
+    def _metadata(self) -> list[TensorMeta]:
+        return [TensorMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
+                           _ORT_DTYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed), strict=True))
+
+
+class FixedBatchRunner:
+    """A fixed-batch runner fed any number of samples: chunks of its batch, the last one
+    padded by repeating its rows, padding dropped from the outputs. A gate then sees every
+    case whole instead of the first ``batch`` samples."""
+
+    def __init__(self, runner: Runner, batch: int) -> None:
+        self.runner, self.batch = runner, int(batch)
+
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def activate(self) -> None:
+        self.runner.activate()
+
+    def deactivate(self) -> None:
+        self.runner.deactivate()
+
+    def input_metadata(self) -> list[TensorMeta]:
+        return [TensorMeta(m.name, (None, *m.shape[1:]), m.dtype)
+                for m in self.runner.input_metadata()]
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count = len(next(iter(feed.values())))
+        parts: dict[str, list[np.ndarray]] = {}
+        for start in range(0, count, self.batch):
+            chunk = {k: v[start:start + self.batch] for k, v in feed.items()}
+            used = len(next(iter(chunk.values())))
+            if used < self.batch:
+                chunk = {k: np.resize(v, (self.batch, *v.shape[1:])) for k, v in chunk.items()}
+            for name, value in self.runner.infer(chunk).items():
+                parts.setdefault(name, []).append(value[:used])
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+# ----------------------------------------------------------------------------- registry
+
+RunnerFactory = Callable[..., Any]
+_FACTORIES: dict[str, RunnerFactory] = {}
+_loaded_entry_points = False
+
+
+def register_runner(kind: str, factory: RunnerFactory) -> None:
+    """Make ``kind`` openable by :func:`runner_factory` (later registrations win)."""
+    _FACTORIES[kind] = factory
+
+
+def _load_entry_points() -> None:
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        _FACTORIES.setdefault(point.name, point.load())
+
+
+def runner_factory(kind: str) -> RunnerFactory:
+    """The factory registered for ``kind``; the torch side's kinds come from the
+    ``ptycho_export.runners`` entry points (loaded once, on the first unknown kind).
+    LookupError names what is known when nothing provides it."""
+    if kind not in _FACTORIES:
+        _load_entry_points()
+    if kind not in _FACTORIES:
+        raise LookupError(f"no runner of kind {kind!r} is installed (known: "
+                          f"{', '.join(sorted(_FACTORIES)) or 'none'}); the torch runners "
+                          "come with the train extra")
+    return _FACTORIES[kind]
+
+
+def known_kinds() -> list[str]:
+    _load_entry_points()
+    return sorted(_FACTORIES)
+
+
+register_runner("onnxruntime", OrtRunner)
