@@ -393,13 +393,6 @@ class Runner:
     device_memory: str | None = None  # "torch" | "cuda-free" | None
 
 
-def _set_tf32(enabled: bool) -> None:
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
-
-
 def torch_runner(name: str, kind: str, module: Any, device: str = "cpu",
                  channels_last: bool = False, tf32: bool | None = None,
                  options: dict[str, Any] | None = None) -> Runner:
@@ -407,10 +400,11 @@ def torch_runner(name: str, kind: str, module: Any, device: str = "cpu",
 
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
+    from ptycho_export.parity import tf32_mode
+
     def call(x: np.ndarray) -> list[np.ndarray]:
-        if tf32 is not None:
-            _set_tf32(tf32)
-        with torch.inference_mode():
+        switch = tf32_mode(tf32) if tf32 is not None else contextlib.nullcontext()
+        with switch, torch.inference_mode():
             tensor = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
             outputs = module(tensor)
             return [o.cpu().numpy() for o in outputs]  # .cpu() synchronises CUDA

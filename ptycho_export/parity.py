@@ -1,26 +1,25 @@
-"""Runners of one small protocol (eager, TorchScript, .pt2, onnxruntime) and the parity gate.
+"""The torch runners (eager at any dtype and device, TorchScript, `.pt2`) of the one runner
+protocol (runtime.runner, where the onnxruntime runner lives), and the parity gate.
 
-Each runner takes a float32 numpy batch and returns named float32 numpy outputs; the gate
-is then a loop: same inputs through every runner, `runtime.compare` on each pair.
+Each runner takes named numpy arrays and returns named numpy outputs; the gate is then a
+loop: same inputs through every runner, `runtime.compare` on each pair. The runtime finds
+these runners by kind through the `ptycho_export.runners` entry points (pyproject.toml).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from runtime.compare import OutputStats, compare_outputs, tolerance_failures
-
-
-class Runner(Protocol):
-    name: str
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+from runtime.runner import BaseRunner, Runner, TensorMeta
 
 
 def _named(outputs: tuple[torch.Tensor, ...] | torch.Tensor, names: tuple[str, ...]
@@ -30,22 +29,43 @@ def _named(outputs: tuple[torch.Tensor, ...] | torch.Tensor, names: tuple[str, .
     return {n: o.detach().to("cpu").numpy() for n, o in zip(names, outputs, strict=True)}
 
 
-@dataclass
-class TorchRunner:
-    """An nn.Module, TorchScript module or .pt2 program, on one device and dtype."""
+class TorchRunner(BaseRunner):
+    """An nn.Module, TorchScript module or .pt2 program, on one device and dtype: fed numpy
+    arrays of that dtype (a float64 array never reaches a float32 runner unnoticed)."""
 
-    name: str
-    module: nn.Module
-    input_names: tuple[str, ...]
-    output_names: tuple[str, ...]
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    def __init__(self, name: str, module: nn.Module, input_names: tuple[str, ...],
+                 output_names: tuple[str, ...], device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.name, self.module = name, module
+        self.input_names, self.output_names = tuple(input_names), tuple(output_names)
+        self.device, self.dtype = device, dtype
+
+    def _metadata(self) -> list[TensorMeta]:
+        # fed float32 (narrower torch dtypes cast inside), or float64 for the exact reference
+        dtype = "float64" if self.dtype == torch.float64 else "float32"
+        return [TensorMeta(n, None, dtype) for n in self.input_names]
 
     @torch.inference_mode()
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device, self.dtype)
-                for n in self.input_names]
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(feed[n]).to(self.device, self.dtype) for n in self.input_names]
         return _named(self.module(*args), self.output_names)
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN convs on or off, restored afterwards."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch nudges towards fp32_precision
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 def eager_runner(module: nn.Module, input_names, output_names, *, dtype=torch.float32,  # noqa: ANN001
@@ -72,27 +92,6 @@ def torchscript_runner(path: Path, input_names, output_names, device: str = "cpu
 def pt2_runner(path: Path, input_names, output_names) -> TorchRunner:  # noqa: ANN001
     program = torch.export.load(str(path))
     return TorchRunner("pt2 cpu", program.module(), tuple(input_names), tuple(output_names))
-
-
-@dataclass
-class OnnxRunner:
-    name: str
-    path: Path
-    provider: str = "CPUExecutionProvider"
-    session: object = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), options, providers=[self.provider])
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.session.get_outputs()]
-        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
-                 for i in self.session.get_inputs()}
-        return dict(zip(names, self.session.run(names, feeds), strict=True))
 
 
 def parity_cases(golden: np.ndarray, n_random: int = 8, seed: int = 0
@@ -126,32 +125,6 @@ class ParityRow:
         return {"candidate": self.candidate, "reference": self.reference, "case": self.case,
                 "gated": self.gated, "failures": self.failures,
                 "outputs": {k: v.to_dict() for k, v in self.stats.items()}}
-
-
-@dataclass
-class FixedBatchRunner:
-    """A fixed-batch artifact fed any number of samples: chunks of its batch, the last one
-    padded by repeating its rows, padding dropped from the outputs. The gate then sees
-    every case whole instead of the first `batch` samples."""
-
-    runner: Runner
-    batch: int
-
-    @property
-    def name(self) -> str:
-        return self.runner.name
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count = len(next(iter(inputs.values())))
-        parts: dict[str, list[np.ndarray]] = {}
-        for start in range(0, count, self.batch):
-            chunk = {k: v[start:start + self.batch] for k, v in inputs.items()}
-            used = len(next(iter(chunk.values())))
-            if used < self.batch:
-                chunk = {k: np.resize(v, (self.batch, *v.shape[1:])) for k, v in chunk.items()}
-            for name, value in self.runner.infer(chunk).items():
-                parts.setdefault(name, []).append(value[:used])
-        return {name: np.concatenate(values) for name, values in parts.items()}
 
 
 def run_parity(reference: Runner, candidates: list[Runner], cases: dict[str, np.ndarray],
@@ -206,18 +179,3 @@ def pt2_runner_on(path: Path, input_names, output_names, device: str = "cpu"  # 
         program = move_to_device_pass(program, device)
     return TorchRunner(f"pt2 {device}", program.module(), tuple(input_names),
                        tuple(output_names), device)
-
-
-@dataclass
-class SessionRunner:
-    """An already built onnxruntime session (e.g. from `runtime.session.create_session`,
-    which checks that the requested provider really runs and keeps CUDA TF32 off)."""
-
-    name: str
-    session: object = field(repr=False)
-
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.session.get_outputs()]
-        feeds = {i.name: np.ascontiguousarray(inputs[i.name], dtype=np.float32)
-                 for i in self.session.get_inputs()}
-        return dict(zip(names, self.session.run(names, feeds), strict=True))

@@ -32,7 +32,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -295,24 +295,6 @@ def plan_variants(formats: list[str], cuda_reason: str | None, ort_cuda_reason: 
     return variants
 
 
-@contextlib.contextmanager
-def tf32_mode(enabled: bool) -> Iterator[None]:
-    """TF32 for CUDA matmuls and cuDNN convs on or off, restored afterwards."""
-    import torch
-
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch nudges towards fp32_precision
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
-
-
 def _ort_cuda_reason() -> str | None:
     try:
         from runtime.session import available_providers
@@ -326,10 +308,11 @@ def _ort_cuda_reason() -> str | None:
 
 
 def build_runner(variant: Variant, wrapper: Any, files: dict[str, Path]) -> Any:
-    """A `parity.Runner` for one variant (CUDA onnxruntime through the runtime's
+    """A runner (runtime.runner protocol) for one variant (CUDA onnxruntime through the runtime's
     `create_session`, which refuses a silent CPU fallback and keeps TF32 off)."""
     from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
-    from ptycho_export.parity import SessionRunner, eager_runner, pt2_runner_on, torchscript_runner
+    from ptycho_export.parity import eager_runner, pt2_runner_on, torchscript_runner
+    from runtime.runner import OrtRunner
 
     label = variant.label
     if variant.family == "eager":
@@ -338,7 +321,7 @@ def build_runner(variant: Variant, wrapper: Any, files: dict[str, Path]) -> Any:
         from runtime.session import create_session
 
         session, _ = create_session(files["onnx"], variant.device)
-        runner = SessionRunner(label, session)
+        runner = OrtRunner(label, session=session)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -646,7 +629,7 @@ def run_parity_check(bundle: str | os.PathLike, artifact_dir: str | os.PathLike,
 
     from ptycho_export.bundle import sha256_file
     from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
-    from ptycho_export.parity import eager_runner
+    from ptycho_export.parity import eager_runner, tf32_mode
     from ptycho_export.reconstruct import patch_per_position, stitch_with_probe
     from runtime.grouping import group_neighbours, group_offsets
     from runtime.physics_check import OutputChecker

@@ -1,7 +1,8 @@
 """Reconstruct a scan with an exported ONNX artifact: numpy + onnxruntime only, no torch.
 
-(Where torch is installed, the artifact's model.ts runs the same way through
-ptycho_export.torchscript_session; torch is imported only on that path.)
+(Where torch is installed, the artifact's model.ts runs the same way through the
+``torchscript_session`` runner kind of runtime.runner's registry; torch is imported only on
+that path.)
 
 artifact (verified) + scan (validated) -> batched inference -> probe-weighted stitch ->
 object.npz, amplitude.png, phase.png, report.json, written to a temp folder and renamed,
@@ -41,6 +42,7 @@ from runtime.errors import (
     EXIT_USAGE,
     ArtifactError,
     DataError,
+    EnvironmentProblem,
     ParityError,
     PtychoError,
     naming,
@@ -62,6 +64,7 @@ from runtime.inputs import (
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
 from runtime.memory import mem_available_bytes
 from runtime.physics_check import compare_probes, compare_with_training, open_physics
+from runtime.runner import runner_factory
 from runtime.scan import ScanData
 from runtime.session import (
     IOBindingRunner,
@@ -393,10 +396,14 @@ def open_session(spec: ArtifactSpec, provider: str, threads: int | None, *,
                  ) -> tuple[Any, SessionInfo]:
     """A session for the artifact's model, checked against its manifest before any scan is
     fed to it: onnxruntime for model.onnx (graph inputs/outputs, provenance), TorchScript
-    for model.ts (ptycho_export.torchscript_session, imports torch only here; provenance)."""
+    for model.ts (the ``torchscript_session`` runner kind, which imports torch only here;
+    provenance)."""
     if spec.model_format == "torchscript":
-        from ptycho_export.torchscript_session import create_torchscript_session
-
+        try:
+            create_torchscript_session = runner_factory("torchscript_session")
+        except LookupError as err:
+            raise EnvironmentProblem(f"{spec.model_path}: a TorchScript model needs torch: "
+                                     f"{err}") from None
         session, info = create_torchscript_session(spec.model_path, spec.input_name,
                                                    spec.output_names, provider, threads,
                                                    device_id)

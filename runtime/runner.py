@@ -31,13 +31,17 @@ class TensorMeta:
     batch) and dtype."""
 
     name: str
-    shape: tuple[int | None, ...]
+    shape: tuple[int | None, ...] | None  # None: any shape (an eager module says nothing)
     dtype: str = "float32"
 
     def problem(self, value: np.ndarray) -> str:
-        """'' when ``value`` fits, else what does not."""
-        if value.dtype != np.dtype(self.dtype):
+        """'' when ``value`` fits, else what does not. A dtype that widens exactly to the
+        runner's (float32 into a float64 reference) fits; one that would be narrowed
+        (float64 into a float32 graph, the classic deployment bug) does not."""
+        if not np.can_cast(value.dtype, np.dtype(self.dtype), casting="safe"):
             return f"{self.name} is {value.dtype}, expected {self.dtype}"
+        if self.shape is None:
+            return ""
         if value.ndim != len(self.shape) or any(
                 want is not None and got != want for got, want in zip(value.shape, self.shape,
                                                                       strict=True)):
@@ -70,7 +74,6 @@ class BaseRunner:
     :meth:`_metadata` and :meth:`_infer` (and :meth:`_deactivate` if they hold anything)."""
 
     name: str = "runner"
-    check_dtype: bool = True  # False for a runner that is fed another precision on purpose
 
     def __init__(self) -> None:
         self.active = False
@@ -106,12 +109,10 @@ class BaseRunner:
         ready = {}
         for meta in wanted:
             value = np.asarray(feed[meta.name])
-            if not self.check_dtype:
-                meta = TensorMeta(meta.name, meta.shape, str(value.dtype))
             problem = meta.problem(value)
             if problem:
                 raise RunnerError(f"{self.name}: {problem}")
-            ready[meta.name] = np.ascontiguousarray(value)
+            ready[meta.name] = np.ascontiguousarray(value, dtype=meta.dtype)
         return self._infer(ready)
 
     def _activate(self) -> None:
@@ -183,7 +184,7 @@ class FixedBatchRunner:
         self.runner.deactivate()
 
     def input_metadata(self) -> list[TensorMeta]:
-        return [TensorMeta(m.name, (None, *m.shape[1:]), m.dtype)
+        return [TensorMeta(m.name, None if m.shape is None else (None, *m.shape[1:]), m.dtype)
                 for m in self.runner.input_metadata()]
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -203,7 +204,7 @@ class FixedBatchRunner:
 
 RunnerFactory = Callable[..., Any]
 _FACTORIES: dict[str, RunnerFactory] = {}
-_loaded_entry_points = False
+_ENTRY_POINTS: dict[str, Any] | None = None  # kind -> importlib EntryPoint, not yet loaded
 
 
 def register_runner(kind: str, factory: RunnerFactory) -> None:
@@ -211,31 +212,29 @@ def register_runner(kind: str, factory: RunnerFactory) -> None:
     _FACTORIES[kind] = factory
 
 
-def _load_entry_points() -> None:
-    global _loaded_entry_points
-    if _loaded_entry_points:
-        return
-    _loaded_entry_points = True
-    for point in entry_points(group=ENTRY_POINT_GROUP):
-        _FACTORIES.setdefault(point.name, point.load())
+def _entry_points() -> dict[str, Any]:
+    global _ENTRY_POINTS
+    if _ENTRY_POINTS is None:
+        _ENTRY_POINTS = {point.name: point for point in entry_points(group=ENTRY_POINT_GROUP)}
+    return _ENTRY_POINTS
 
 
 def runner_factory(kind: str) -> RunnerFactory:
-    """The factory registered for ``kind``; the torch side's kinds come from the
-    ``ptycho_export.runners`` entry points (loaded once, on the first unknown kind).
-    LookupError names what is known when nothing provides it."""
-    if kind not in _FACTORIES:
-        _load_entry_points()
+    """The factory registered for ``kind``. The torch side's kinds come from the
+    ``ptycho_export.runners`` entry points, each imported only when asked for (so asking
+    for one never imports torch for another). LookupError names what is known when nothing
+    provides ``kind``; an entry point's own import error (no torch here) propagates."""
+    if kind not in _FACTORIES and kind in _entry_points():
+        _FACTORIES[kind] = _entry_points()[kind].load()
     if kind not in _FACTORIES:
         raise LookupError(f"no runner of kind {kind!r} is installed (known: "
-                          f"{', '.join(sorted(_FACTORIES)) or 'none'}); the torch runners "
+                          f"{', '.join(known_kinds()) or 'none'}); the torch runners "
                           "come with the train extra")
     return _FACTORIES[kind]
 
 
 def known_kinds() -> list[str]:
-    _load_entry_points()
-    return sorted(_FACTORIES)
+    return sorted(set(_FACTORIES) | set(_entry_points()))
 
 
 register_runner("onnxruntime", OrtRunner)

@@ -139,7 +139,7 @@ def test_golden_index_orders_extremes_then_preferred() -> None:
 
 
 def test_fixed_batch_runner_feeds_every_sample_in_chunks() -> None:
-    from ptycho_export.parity import FixedBatchRunner
+    from runtime.runner import FixedBatchRunner
 
     seen = []
 

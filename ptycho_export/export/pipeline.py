@@ -39,10 +39,7 @@ from ptycho_export.export.wrapper import (
     physics_wrapper,
 )
 from ptycho_export.parity import (
-    FixedBatchRunner,
-    OnnxRunner,
     ParityRow,
-    Runner,
     eager_runner,
     parity_cases,
     parity_table,
@@ -60,6 +57,7 @@ from runtime.atomic import (
 from runtime.compare import DEFAULT_TOLERANCES, check_tolerances, loosened
 from runtime.errors import ParityError, naming
 from runtime.manifest import is_export_folder
+from runtime.runner import FixedBatchRunner, OrtRunner, Runner
 
 MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
@@ -223,7 +221,7 @@ def _physics_parity(bundle: Bundle, tmp: Path, options: ExportOptions, tolerance
                        {PHYSICS_OUTPUT_NAME: [b, 1, n, n]}, options.opset)
     reference = eager_runner(physics, names, (PHYSICS_OUTPUT_NAME,))
     exact = eager_runner(physics, names, (PHYSICS_OUTPUT_NAME,), dtype=torch.float64)
-    candidate: Runner = OnnxRunner("onnxruntime cpu (physics)", path)
+    candidate: Runner = OrtRunner("onnxruntime cpu (physics)", path)
     if options.batch is not None:
         candidate = FixedBatchRunner(candidate, options.batch)
     tolerances = {f"{PHYSICS_OUTPUT_NAME}_rel_max": tolerance}
@@ -340,7 +338,7 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                 facts = audit_onnx(path, {INPUT_NAME: shape},
                                    {o: out_shape for o in OUTPUT_NAMES}, options.opset,
                                    options.precision)
-                candidates.append(OnnxRunner("onnxruntime cpu", path))
+                candidates.append(OrtRunner("onnxruntime cpu", path))
             elif name == "torchscript":
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", category=DeprecationWarning)
