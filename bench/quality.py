@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench import cpu_facts, default_machine_name, library_versions
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"amplitude_corr": 0.9, "phase_corr": 0.9, "amplitude_ssim": 0.9}

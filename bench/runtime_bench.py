@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench import (
+from ptycho_export.bench.speed import (
     _atomic_write,
     _jsonable,
     cpu_facts,
@@ -241,7 +241,7 @@ print(json.dumps({"import_s": t_import - t0, "verify_s": t_verify - t_import,
 
 def export_artifact(folder: Path, preset: str, n: int, seed: int) -> Path:
     """Seeded random-weight bundle of `preset` at N, exported to ONNX (the normal gate)."""
-    from bench.bench import make_inputs, make_random_bundle
+    from ptycho_export.bench.speed import make_inputs, make_random_bundle
     from ptycho_export.export.pipeline import ExportOptions, export_bundle
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         log("cold start: exporting the tiny and default artifacts ...")
         cold: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="runtime-bench-") as tmp:
-            from bench.bench import make_inputs
+            from ptycho_export.bench.speed import make_inputs
 
             work = Path(tmp)
             for preset, n, batches in (("tiny", 32, (64,)), ("pinn", 64, (1, 64))):

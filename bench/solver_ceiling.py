@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench import cpu_facts, default_machine_name, library_versions
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = (("amplitude", True), ("amplitude", False), ("poisson", True), ("poisson", False))

@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.bench import cpu_facts, default_machine_name, library_versions
 from bench.forward_model import ScanSpec, simulate
+from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N = 64

@@ -1,4 +1,4 @@
-"""ptycho-bench [--bundle B] [--batch-sizes 64,256] [--quick]: every runtime, one process"""
+"""ptycho-bench [BUNDLE] [--batch-sizes 64,256] [--quick] [-o DIR]: every runtime, one process"""
 
 from __future__ import annotations
 
@@ -12,25 +12,12 @@ from typing import Annotated
 import typer
 
 from cli.common import one_path, require_train_extra, run_guarded
-from runtime.errors import EnvironmentProblem
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 def load_bench() -> ModuleType:
-    """bench/ lives in the checkout, not in the wheel: find it next to cli/."""
-    try:
-        return importlib.import_module("bench.bench")
-    except ModuleNotFoundError as err:
-        if err.name not in ("bench", "bench.bench"):
-            raise
-    if not (REPO / "bench" / "bench.py").is_file():
-        raise EnvironmentProblem("ptycho-bench runs from a source checkout (bench/bench.py "
-                                 f"next to {REPO / 'cli'} is missing); pip install -e .")
-    sys.path.insert(0, str(REPO))
-    return importlib.import_module("bench.bench")
+    """The benchmark module (torch and the train extra are checked first)."""
+    return importlib.import_module("ptycho_export.bench.speed")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -1293,9 +1293,3 @@ def main(config: BenchConfig, outdir: Path, log: Callable[[str], None] = print
     print_report(result)
     log(f"wrote {json_path} and {md_path} ({result['seconds_total']:.0f} s)")
     return result, json_path, md_path
-
-
-if __name__ == "__main__":  # python -m bench.bench: same as ptycho-bench
-    from cli.bench import main as cli_main
-
-    cli_main()
