@@ -93,6 +93,8 @@ step export ptycho-export "$WORK/bundle.zip" --format all -o "$WORK/export" --wi
 step run-onnx-cuda ptycho-run "$WORK/export" "$WORK/scan.npz" --provider cuda -o "$WORK/run_onnx_cuda"
 step run-torchscript-cuda ptycho-run "$WORK/export/model.ts" "$WORK/scan.npz" --provider cuda \
     -o "$WORK/run_ts_cuda"
+step run-pt2-cuda ptycho-run "$WORK/export/model.pt2" "$WORK/scan.npz" --provider cuda \
+    -o "$WORK/run_pt2_cuda"
 step parity ptycho-parity "$WORK/bundle.zip" "$WORK/export" "$WORK/scan.npz" -o "$WORK/parity"
 step bench ptycho-bench "$WORK/bundle.zip" --artifacts "$WORK/export" \
     --batch-sizes 64,256,1024 --max-seconds 20 -o "$WORK/bench"

@@ -62,8 +62,8 @@ def run_command(
                                           "cuda or auto.")] = "auto",
     model_format: Annotated[str, typer.Option(
         "--format", help="Which model file of the artifact to run: onnx (model.onnx, "
-        "onnxruntime) or torchscript (model.ts, needs torch). auto: the file given as "
-        "ARTIFACT, else onnx.")] = "auto",
+        "onnxruntime), torchscript (model.ts) or pt2 (model.pt2; both need torch). auto: the "
+        "file given as ARTIFACT, else onnx.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Patterns per inference call (dynamic-batch artifacts). Default: the "
         "largest power of two that fits the free memory, at most 1024 on a GPU and 256 on "

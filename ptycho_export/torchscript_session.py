@@ -1,9 +1,9 @@
-"""Run an artifact's model.ts in ptycho-run, where PyTorch is installed (optional).
+"""Run an artifact's model.ts or model.pt2 in ptycho-run, where PyTorch is installed.
 
-The torch-free install runs model.onnx with onnxruntime; this module is the one place in
-runtime/ that touches torch, and it imports it only inside :func:`import_torch`, i.e. only
-when a TorchScript model is actually run. Nothing here is imported at module level by
-runtime.run.
+The torch-free install runs model.onnx with onnxruntime; this module is where ptycho-run
+touches torch, and it imports it only inside :func:`import_torch`, i.e. only when a torch
+model is actually run. runtime.run finds it through the runner registry
+(``torchscript_session`` and ``pt2_session`` kinds), never by name.
 
 :class:`TorchScriptSession` offers the part of onnxruntime's InferenceSession API that
 run_scan uses (``run(names, feed)`` on float32 numpy in, float32 numpy out), so batching,
@@ -25,7 +25,8 @@ import numpy as np
 from runtime.errors import ArtifactError, EnvironmentProblem
 from runtime.session import SessionInfo
 
-__all__ = ["TorchScriptSession", "create_torchscript_session", "import_torch"]
+__all__ = ["TorchScriptSession", "create_pt2_session", "create_torchscript_session",
+           "import_torch"]
 
 METADATA_FILE = "ptycho_export.json"  # torch.jit.save(..., _extra_files=) of ptycho-export
 TORCHSCRIPT_PROVIDERS = ("cpu", "cuda", "auto")
@@ -68,11 +69,18 @@ class TorchScriptSession:
         return [values[n] for n in (names or self.output_names)]
 
     def op_counts(self) -> dict[str, int]:
-        """aten ops in the (inlined) graph, by kind: the report's node counts."""
+        """aten ops in the graph, by kind: the report's node counts (TorchScript's inlined
+        graph, or the .pt2 program's FX graph)."""
         counts: Counter[str] = Counter()
         with contextlib.suppress(Exception):  # an exotic module without a graph: no counts
-            for node in self.module.inlined_graph.nodes():
-                kind = node.kind()
+            graph = getattr(self.module, "inlined_graph", None)
+            if graph is not None:
+                kinds = (node.kind() for node in graph.nodes())
+            else:
+                kinds = (f"aten::{str(node.target).split('.')[1]}"
+                         for node in self.module.graph.nodes
+                         if node.op == "call_function" and str(node.target).startswith("aten."))
+            for kind in kinds:
                 if kind.startswith("aten::"):
                     counts[kind.removeprefix("aten::")] += 1
         return dict(sorted(counts.items()))
@@ -117,22 +125,55 @@ def create_torchscript_session(model_path: str | os.PathLike[str], input_name: s
         line = " ".join(str(err).split())[:300]
         raise ArtifactError(f"{model_path}: torch.jit.load cannot load it: {line}") from err
     module.eval()
+    return _session(torch, module, "torchscript", provider, device, threads, device_id,
+                    input_name, output_names, extra.get(METADATA_FILE))
+
+
+def create_pt2_session(model_path: str | os.PathLike[str], input_name: str,
+                       output_names: tuple[str, ...], provider: str = "auto",
+                       threads: int | None = None, device_id: int = 0
+                       ) -> tuple[TorchScriptSession, SessionInfo]:
+    """``torch.export.load`` of a verified model.pt2 (its program moved to the device by
+    ``move_to_device_pass``, which also rewrites the device constants a plain ``.to``
+    would miss), with the embedded metadata for the provenance check."""
+    torch = import_torch()
+    device = _device(torch, provider, device_id)
+    if threads is not None:
+        if threads < 1:
+            raise EnvironmentProblem(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    extra = {METADATA_FILE: ""}
+    try:
+        program = torch.export.load(str(model_path), extra_files=extra)
+        if device != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+    except Exception as err:  # torch raises RuntimeError / ValueError / zip errors
+        line = " ".join(str(err).split())[:300]
+        raise ArtifactError(f"{model_path}: torch.export.load cannot load it: {line}") from err
+    return _session(torch, program.module(), "pt2", provider, device, threads, device_id,
+                    input_name, output_names, extra.get(METADATA_FILE))
+
+
+def _session(torch: ModuleType, module: Any, runtime: str, provider: str, device: str,
+             threads: int | None, device_id: int, input_name: str,
+             output_names: tuple[str, ...], raw_metadata: str | bytes | None
+             ) -> tuple[TorchScriptSession, SessionInfo]:
     metadata = None
-    raw = extra.get(METADATA_FILE)
-    if raw:
+    if raw_metadata:
         try:
-            values = json.loads(raw)
+            values = json.loads(raw_metadata)
         except (ValueError, UnicodeDecodeError):
             values = None
         if isinstance(values, dict):
             metadata = {str(k): str(v) for k, v in values.items()}
-    name = "cpu" if device == "cpu" else "cuda"
-    info = SessionInfo(requested=provider, provider=name, ep=f"TorchScript({device})",
-                       providers=[device], available=["cpu"] + (
+    label = "TorchScript" if runtime == "torchscript" else "pt2"
+    info = SessionInfo(requested=provider, provider="cpu" if device == "cpu" else "cuda",
+                       ep=f"{label}({device})", providers=[device], available=["cpu"] + (
                            [f"cuda:{i}" for i in range(torch.cuda.device_count())]
                            if torch.cuda.is_available() else []),
                        threads=threads, onnxruntime_version="not used",
-                       device_id=device_id, runtime="torchscript",
+                       device_id=device_id, runtime=runtime,
                        runtime_version=f"torch {torch.__version__}")
-    session = TorchScriptSession(module, torch, device, input_name, output_names, metadata)
-    return session, info
+    return TorchScriptSession(module, torch, device, input_name, output_names, metadata), info

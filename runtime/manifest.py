@@ -22,8 +22,8 @@ MANIFEST_FORMAT = "ptycho-export-artifacts"
 MANIFEST_VERSION = 1
 DEFAULT_MODEL_FILE = "model.onnx"
 # Model formats ptycho-run can execute: manifest "artifacts" key -> default file name.
-MODEL_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
-FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript"}
+MODEL_FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts", "pt2": "model.pt2"}
+FORMAT_LABELS = {"onnx": "ONNX", "torchscript": "TorchScript", "pt2": ".pt2"}
 
 __all__ = ["ArtifactSpec", "MANIFEST_NAME", "MODEL_FORMATS", "check_provenance", "load_artifact",
            "sha256_file", "verify_file"]
@@ -135,7 +135,7 @@ def check_provenance(model_path: Path, metadata: dict[str, str] | None,
 
     The hash check cannot see a model file from another export swapped in with the manifest
     rehashed; the metadata the exporter embeds in every model file (ONNX metadata_props,
-    TorchScript extra/ptycho_export.json) can: its source bundle sha256 and model facts
+    TorchScript and .pt2 extra/ptycho_export.json) can: its source bundle sha256 and model facts
     must be the manifest's. Manifests that record no source bundle (models exported from
     elsewhere, hand-written test folders) have nothing to compare and pass.
     """
@@ -190,8 +190,8 @@ def _model_entry(manifest: dict[str, Any], manifest_path: Path, folder: Path,
     if not isinstance(entry, dict):
         formats = ", ".join(sorted(artifacts)) or "none"
         hint = ("the torch-free runtime needs one: re-export with --format onnx"
-                if model_format == "onnx" else "re-export with --format torchscript, or run "
-                "its model.onnx")
+                if model_format == "onnx" else f"re-export with --format {model_format}, or "
+                "run its model.onnx")
         raise _fail(manifest_path, f"lists no {label} model (formats: {formats}); {hint}")
     model_name = _plain_name(manifest_path, entry.get("file", MODEL_FORMATS[model_format]),
                              "model file")
@@ -206,7 +206,7 @@ def load_artifact(path: str | os.PathLike[str], check_golden: bool = False,
     """Read and verify an artifact folder (or its model file / manifest.json).
 
     The model file's size and sha256 are always checked; golden.npz only when
-    ``check_golden`` (the self-check reads it). ``model_format`` ("onnx" | "torchscript")
+    ``check_golden`` (the self-check reads it). ``model_format`` ("onnx" | "torchscript" | "pt2")
     picks the model file; None means the one given as ``path`` (model.ts: TorchScript),
     else ONNX. Any problem is an ArtifactError whose one line names the file.
     """

@@ -1,8 +1,8 @@
 """Reconstruct a scan with an exported ONNX artifact: numpy + onnxruntime only, no torch.
 
-(Where torch is installed, the artifact's model.ts runs the same way through the
-``torchscript_session`` runner kind of runtime.runner's registry; torch is imported only on
-that path.)
+(Where torch is installed, the artifact's model.ts and model.pt2 run the same way through
+the ``torchscript_session`` / ``pt2_session`` runner kinds of runtime.runner's registry;
+torch is imported only on that path.)
 
 artifact (verified) + scan (validated) -> batched inference -> probe-weighted stitch ->
 object.npz, amplitude.png, phase.png, report.json, written to a temp folder and renamed,
@@ -382,7 +382,8 @@ def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto"
 
 # --------------------------------------------------------------------------- sessions
 
-MODEL_FORMAT_CHOICES = ("onnx", "torchscript")
+MODEL_FORMAT_CHOICES = ("onnx", "torchscript", "pt2")
+TORCH_FORMATS = ("torchscript", "pt2")  # run by the torch side's "<format>_session" runners
 
 
 def _check_format(model_format: str | None) -> None:
@@ -398,15 +399,14 @@ def open_session(spec: ArtifactSpec, provider: str, threads: int | None, *,
     fed to it: onnxruntime for model.onnx (graph inputs/outputs, provenance), TorchScript
     for model.ts (the ``torchscript_session`` runner kind, which imports torch only here;
     provenance)."""
-    if spec.model_format == "torchscript":
+    if spec.model_format in TORCH_FORMATS:
         try:
-            create_torchscript_session = runner_factory("torchscript_session")
+            create_torch_session = runner_factory(f"{spec.model_format}_session")
         except LookupError as err:
-            raise EnvironmentProblem(f"{spec.model_path}: a TorchScript model needs torch: "
-                                     f"{err}") from None
-        session, info = create_torchscript_session(spec.model_path, spec.input_name,
-                                                   spec.output_names, provider, threads,
-                                                   device_id)
+            raise EnvironmentProblem(f"{spec.model_path}: a {spec.model_format} model needs "
+                                     f"torch: {err}") from None
+        session, info = create_torch_session(spec.model_path, spec.input_name,
+                                             spec.output_names, provider, threads, device_id)
         check_provenance(spec.model_path, session.metadata, spec.manifest, spec.manifest_path)
         return session, info
     session, info = create_session(spec.model_path, provider, threads, profile=profile,
@@ -423,7 +423,7 @@ def warm_up(session: Any, feed: dict[str, np.ndarray], info: SessionInfo
             ) -> dict[str, dict[str, int]]:
     """One warm-up batch; returns the ops per provider (onnxruntime: measured by profiling
     where each node ran; TorchScript: the aten ops of its graph, all on its device)."""
-    if info.runtime == "torchscript":
+    if info.runtime in TORCH_FORMATS:
         session.run(None, feed)
         return {info.ep: session.op_counts()}
     return measure_node_placement(session, feed, info)
@@ -645,7 +645,7 @@ def _run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str
     onnxruntime session per artifact and provider instead of building one per scan.
     ``inputs`` says how to read data that is not an amplitude npz (counts, HDF5, a
     ptychodus input folder, other position conventions) and whether to write a ptychodus
-    product (see runtime.inputs). ``model_format`` ("onnx" | "torchscript") picks the
+    product (see runtime.inputs). ``model_format`` ("onnx" | "torchscript" | "pt2") picks the
     artifact's model file; by default the file given as ``artifact`` (model.ts runs with
     TorchScript when torch is installed), else model.onnx. ``overlap_stitch`` stitches
     each batch in a helper thread while the next one is inferred (:class:`BatchStitcher`);

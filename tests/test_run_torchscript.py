@@ -26,13 +26,13 @@ N = 32
 
 @pytest.fixture(scope="module")
 def both(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> Path:
-    """An artifact folder with model.onnx and model.ts of the tiny bundle."""
+    """An artifact folder with model.onnx, model.ts and model.pt2 of the tiny bundle."""
     pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from ptycho_export.export import ExportOptions, export_bundle
 
     folder = tmp_path_factory.mktemp("both") / "artifact"
-    export_bundle(tiny_bundle, folder, ExportOptions(formats=["onnx", "torchscript"]))
+    export_bundle(tiny_bundle, folder, ExportOptions(formats=["onnx", "torchscript", "pt2"]))
     return folder
 
 
@@ -71,6 +71,21 @@ def test_model_ts_and_model_onnx_give_the_same_object(tmp_path: Path, both: Path
     assert saved["runtime"] == "torchscript" and saved["quality"]["ground_truth"] is True
 
 
+def test_model_pt2_runs_too_and_gives_the_same_object(tmp_path: Path, both: Path,
+                                                       scan_path: Path) -> None:
+    """Every format the exporter writes is runnable: model.pt2 through torch.export.load,
+    self-checked against the golden outputs, provenance checked, the same object."""
+    onnx = run_scan(both, scan_path, tmp_path / "onnx", provider="cpu", progress=False)
+    pt2 = run_scan(both / "model.pt2", scan_path, tmp_path / "pt2", provider="cpu",
+                   self_check=True, progress=False)
+    assert pt2["runtime"] == "pt2" and pt2["artifact"]["format"] == "pt2"
+    assert pt2["self_check"]["status"] == "PASS" and pt2["provider"]["ep"] == "pt2(cpu)"
+    assert pt2["node_ops"]["pt2(cpu)"]["conv2d"] > 0
+    a, b = _object(tmp_path / "onnx"), _object(tmp_path / "pt2")
+    assert np.abs(a - b).max() / np.abs(a).max() <= 1e-5
+    assert onnx["artifact"]["format"] == "onnx"
+
+
 def test_format_option_picks_model_ts_from_the_folder(tmp_path: Path, both: Path,
                                                       scan_path: Path) -> None:
     outdir = tmp_path / "out"
@@ -83,8 +98,8 @@ def test_format_option_picks_model_ts_from_the_folder(tmp_path: Path, both: Path
     assert load_artifact(both).model_format == "onnx"  # the folder alone: ONNX
     with pytest.raises(ArtifactError, match="not the ONNX model"):
         load_artifact(both / "model.ts", model_format="onnx")
-    with pytest.raises(RunUsageError, match="--format 'pt2'"):
-        run_scan(both, scan_path, tmp_path / "x", model_format="pt2", progress=False)
+    with pytest.raises(RunUsageError, match="--format 'triton'"):
+        run_scan(both, scan_path, tmp_path / "x", model_format="triton", progress=False)
 
 
 def test_model_ts_is_hash_checked(tmp_path: Path, both: Path) -> None:

@@ -347,7 +347,8 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                     facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
                     candidates.append(torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
             else:
-                torch.export.save(program, str(path))
+                torch.export.save(program, str(path), extra_files={
+                    "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
                 facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
                 candidates.append(pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
             facts["seconds"] = round(time.perf_counter() - t0, 3)
