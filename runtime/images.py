@@ -425,7 +425,8 @@ def save_comparison_png(
             raise ValueError(f"panel {title!r}: expected uint8 (H, W, 3), got {arr.shape}")
         images.append((str(title), Image.fromarray(np.ascontiguousarray(arr))))
 
-    font = ImageFont.load_default()
+    # titles as legible as the panels' own labels: about 1/30 of the tallest panel
+    font = label_font(max(12, min(28, max(im.height for _, im in images) // 30)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_h = max(probe.textbbox((0, 0), t or " ", font=font)[3] for t, _ in images)
     title_h = int(text_h) + 2 * gap
