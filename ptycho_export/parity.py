@@ -35,21 +35,30 @@ class TorchRunner(BaseRunner):
 
     def __init__(self, name: str, module: nn.Module, input_names: tuple[str, ...],
                  output_names: tuple[str, ...], device: str = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, *,
+                 memory_format: torch.memory_format = torch.contiguous_format,
+                 tf32: bool | None = None) -> None:
+        """``memory_format``: the layout inputs are given in (channels_last for a module
+        converted to it); ``tf32``: CUDA TF32 on or off while it runs (None: untouched)."""
         super().__init__()
         self.name, self.module = name, module
         self.input_names, self.output_names = tuple(input_names), tuple(output_names)
         self.device, self.dtype = device, dtype
+        self.memory_format, self.tf32 = memory_format, tf32
 
     def _metadata(self) -> list[TensorMeta]:
         # fed float32 (narrower torch dtypes cast inside), or float64 for the exact reference
         dtype = "float64" if self.dtype == torch.float64 else "float32"
         return [TensorMeta(n, None, dtype) for n in self.input_names]
 
-    @torch.inference_mode()
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = [torch.from_numpy(feed[n]).to(self.device, self.dtype) for n in self.input_names]
-        return _named(self.module(*args), self.output_names)
+        switch = tf32_mode(self.tf32) if self.tf32 is not None else contextlib.nullcontext()
+        with switch, torch.inference_mode():
+            args = [torch.from_numpy(feed[n]).to(self.device, self.dtype)
+                    for n in self.input_names]
+            if self.memory_format != torch.contiguous_format:
+                args = [a.contiguous(memory_format=self.memory_format) for a in args]
+            return _named(self.module(*args), self.output_names)  # .to("cpu") syncs CUDA
 
 
 @contextlib.contextmanager

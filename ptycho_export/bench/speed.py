@@ -383,36 +383,41 @@ def make_random_bundle(path: Path, preset: str, patch_size: int, inputs: np.ndar
 
 
 @dataclass
-class Runner:
-    name: str
+class TimedRunner:
+    """A runner of the one protocol (runtime.runner) with what the benchmark records
+    about it; :meth:`call` is what is timed: one float32 batch in, its outputs back."""
+
+    runner: Any  # runtime.runner.Runner
+    input_name: str
     kind: str  # eager | torchscript | pt2 | onnxruntime
     device: str
-    call: Callable[[np.ndarray], list[np.ndarray]]
     options: dict[str, Any] = field(default_factory=dict)
     setup_s: float = 0.0
     device_memory: str | None = None  # "torch" | "cuda-free" | None
 
+    @property
+    def name(self) -> str:
+        return self.runner.name
+
+    def call(self, x: np.ndarray) -> list[np.ndarray]:
+        return list(self.runner.infer({self.input_name: x}).values())
+
 
 def torch_runner(name: str, kind: str, module: Any, device: str = "cpu",
                  channels_last: bool = False, tf32: bool | None = None,
-                 options: dict[str, Any] | None = None) -> Runner:
+                 options: dict[str, Any] | None = None) -> TimedRunner:
     import torch
 
+    from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
+    from ptycho_export.parity import TorchRunner
+
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    from ptycho_export.parity import tf32_mode
-
-    def call(x: np.ndarray) -> list[np.ndarray]:
-        switch = tf32_mode(tf32) if tf32 is not None else contextlib.nullcontext()
-        with switch, torch.inference_mode():
-            tensor = torch.from_numpy(x).to(device).contiguous(memory_format=memory_format)
-            outputs = module(tensor)
-            return [o.cpu().numpy() for o in outputs]  # .cpu() synchronises CUDA
-
+    runner = TorchRunner(name, module, (INPUT_NAME,), OUTPUT_NAMES, device,
+                         memory_format=memory_format, tf32=tf32)
     opts = {"inference_mode": True, "memory_format": "channels_last" if channels_last
             else "NCHW", **({"tf32": tf32} if tf32 is not None else {}), **(options or {})}
-    return Runner(name, kind, device, call, opts,
-                  device_memory="torch" if device != "cpu" else None)
+    return TimedRunner(runner, INPUT_NAME, kind, device, opts,
+                       device_memory="torch" if device != "cpu" else None)
 
 
 ORT_LEVELS = ("DISABLE_ALL", "BASIC", "EXTENDED", "ALL")
@@ -515,7 +520,7 @@ def ort_session(model_path: Path, setting: OrtSetting, provider: str = "cpu",
 
 
 def ort_runner(name: str, model_path: Path, setting: OrtSetting, provider: str = "cpu",
-               tf32: bool = False) -> Runner:
+               tf32: bool = False) -> TimedRunner:
     t0 = time.perf_counter()
     if setting.name == SWEEP_BASELINE and provider == "cpu":
         from runtime.session import create_session
@@ -524,23 +529,20 @@ def ort_runner(name: str, model_path: Path, setting: OrtSetting, provider: str =
     else:
         session = ort_session(model_path, setting, provider, tf32)
     setup = time.perf_counter() - t0
-    input_name = session.get_inputs()[0].name
-    names = [o.name for o in session.get_outputs()]
+    from runtime.runner import OrtRunner
 
-    def call(x: np.ndarray) -> list[np.ndarray]:
-        return session.run(names, {input_name: x})
-
+    runner = OrtRunner(name, session=session)
     opts = {**setting.to_dict(), "provider": provider}
     if provider == "cuda":
         opts["use_tf32"] = int(tf32)
-    return Runner(name, "onnxruntime", provider, call, opts, setup,
-                  device_memory="cuda-free" if provider == "cuda" else None)
+    return TimedRunner(runner, session.get_inputs()[0].name, "onnxruntime", provider, opts,
+                       setup, device_memory="cuda-free" if provider == "cuda" else None)
 
 
 # --------------------------------------------------------------------------- timing
 
 
-def _gpu_memory_start(runner: Runner) -> int | None:
+def _gpu_memory_start(runner: TimedRunner) -> int | None:
     if runner.device_memory is None:
         return None
     import torch
@@ -552,7 +554,7 @@ def _gpu_memory_start(runner: Runner) -> int | None:
     return int(torch.cuda.mem_get_info()[0])
 
 
-def _gpu_memory_end(runner: Runner, start: int | None) -> dict[str, Any]:
+def _gpu_memory_end(runner: TimedRunner, start: int | None) -> dict[str, Any]:
     if runner.device_memory is None or start is None:
         return {}
     import torch
@@ -574,9 +576,9 @@ def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 SETTLE_S = 0.02
 
 
-def measure(runners: list[Runner], x: np.ndarray, warmup: int, repeats: int,
+def measure(runners: list[TimedRunner], x: np.ndarray, warmup: int, repeats: int,
             baseline: str | None = None, max_seconds: float | None = None,
-            flops_per_pattern: int | None = None, peak_gflops: Callable[[Runner], float | None]
+            flops_per_pattern: int | None = None, peak_gflops: Callable[[TimedRunner], float | None]
             | None = None) -> dict[str, dict[str, Any]]:
     """Warm every runner (memory measured there), then time them in interleaved rounds.
 
@@ -687,7 +689,7 @@ def bench_ort_sweep(model_path: Path, x: np.ndarray, cores: int, warmup: int, re
             "settings": {s.name: s for s in settings}, "rows": rows, "graph_ops": graph_ops}
 
 
-def cpu_runners(net: Any, artifacts: Path, best: OrtSetting) -> list[Runner]:
+def cpu_runners(net: Any, artifacts: Path, best: OrtSetting) -> list[TimedRunner]:
     import torch
 
     runners = [torch_runner(BASELINE, "eager", net)]
@@ -730,7 +732,7 @@ def gpu_section(net: Any, artifacts: Path, inputs: np.ndarray, config: BenchConf
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             scripted = torch.jit.load(str(artifacts / "model.ts"), map_location="cuda").eval()
-        runners: list[Runner] = []
+        runners: list[TimedRunner] = []
         from runtime.session import available_providers
 
         has_ort_cuda = "CUDAExecutionProvider" in available_providers()
@@ -745,7 +747,7 @@ def gpu_section(net: Any, artifacts: Path, inputs: np.ndarray, config: BenchConf
                 runners.append(ort_runner(f"onnxruntime cuda {tag}", artifacts / "model.onnx",
                                           OrtSetting(f"cuda {tag}"), "cuda", tf32))
 
-        def peak_of(runner: Runner) -> float | None:
+        def peak_of(runner: TimedRunner) -> float | None:
             tflops = peak["tf32_tflops"] if runner.options.get("tf32") or runner.options.get(
                 "use_tf32") else peak["fp32_tflops"]
             return tflops * 1e3 if tflops else None
