@@ -105,6 +105,18 @@ def _device(torch: ModuleType, provider: str, device_id: int) -> str:
     return f"cuda:{device_id}"
 
 
+def _prepare(provider: str, threads: int | None, device_id: int) -> tuple[ModuleType, str]:
+    """torch, the device to load onto, and torch's intra-op threads set for this process
+    (torch.set_num_threads is process-wide)."""
+    torch = import_torch()
+    device = _device(torch, provider, device_id)
+    if threads is not None:
+        if threads < 1:
+            raise EnvironmentProblem(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    return torch, device
+
+
 def create_torchscript_session(model_path: str | os.PathLike[str], input_name: str,
                                output_names: tuple[str, ...], provider: str = "auto",
                                threads: int | None = None, device_id: int = 0
@@ -112,12 +124,7 @@ def create_torchscript_session(model_path: str | os.PathLike[str], input_name: s
     """``torch.jit.load(map_location=device)`` of a verified model.ts, with the metadata
     ptycho-export embedded in it (for the provenance check). ``threads`` sets torch's
     intra-op threads for this process (torch.set_num_threads is process-wide)."""
-    torch = import_torch()
-    device = _device(torch, provider, device_id)
-    if threads is not None:
-        if threads < 1:
-            raise EnvironmentProblem(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads))
+    torch, device = _prepare(provider, threads, device_id)
     extra = {METADATA_FILE: ""}
     try:
         module = torch.jit.load(str(model_path), map_location=device, _extra_files=extra)
@@ -136,12 +143,7 @@ def create_pt2_session(model_path: str | os.PathLike[str], input_name: str,
     """``torch.export.load`` of a verified model.pt2 (its program moved to the device by
     ``move_to_device_pass``, which also rewrites the device constants a plain ``.to``
     would miss), with the embedded metadata for the provenance check."""
-    torch = import_torch()
-    device = _device(torch, provider, device_id)
-    if threads is not None:
-        if threads < 1:
-            raise EnvironmentProblem(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(int(threads))
+    torch, device = _prepare(provider, threads, device_id)
     extra = {METADATA_FILE: ""}
     try:
         program = torch.export.load(str(model_path), extra_files=extra)
