@@ -155,10 +155,3 @@ class OverlapMerge(nn.Module):
         placed = self._shift(fields, frac, +1.0)
         back = self._shift(self._gather_windows(placed, whole, whole), frac, -1.0)
         return back[:, :, 0], back[:, :, 1]
-
-
-def merge_and_reextract(obj_re: torch.Tensor, obj_im: torch.Tensor, offsets: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One-off :class:`OverlapMerge` (all channels) on the patches' device and dtype."""
-    merge = OverlapMerge(obj_re.shape[-1]).to(obj_re.device, obj_re.dtype)
-    return merge(obj_re, obj_im, offsets)

@@ -106,7 +106,12 @@ class PhysicsSession:
     inputs: tuple[str, ...]
     output: str
     batch: int | None
-    device_probe: dict[tuple[str, int, int], Any] = field(default_factory=dict, repr=False)
+    # the scan's probe broadcast to a batch (host arrays, device values), built once per
+    # batch size; the probe itself is kept with them so a new probe is never served stale
+    host_probe: dict[int, tuple[Any, dict[str, np.ndarray]]] = field(default_factory=dict,
+                                                                     repr=False)
+    device_probe: dict[int, tuple[Any, dict[str, Any]]] = field(default_factory=dict,
+                                                                repr=False)
 
     @property
     def takes_probe(self) -> bool:
@@ -115,6 +120,18 @@ class PhysicsSession:
     @property
     def merges_overlap(self) -> bool:
         return "offsets" in self.inputs
+
+    def _side(self, b: int, probe: np.ndarray | None, offsets: np.ndarray | None
+              ) -> dict[str, np.ndarray]:
+        """The probe and offsets inputs for a batch of ``b`` (the probe's broadcast copy
+        made once per batch size)."""
+        cached = self.host_probe.get(b)
+        if cached is None or cached[0] is not probe:
+            probe_names = tuple(n for n in self.inputs if n.startswith("probe_"))
+            cached = (probe, side_feed(probe_names, b, probe, None))
+            self.host_probe[b] = cached
+        wanted = tuple(n for n in self.inputs if n == "offsets")
+        return cached[1] | side_feed(wanted, b, None, offsets)
 
     def predict(self, amplitude: np.ndarray, phase: np.ndarray, probe: np.ndarray | None,
                 offsets: np.ndarray | None = None) -> np.ndarray:
@@ -125,7 +142,9 @@ class PhysicsSession:
             phase = np.resize(phase, (self.batch, *phase.shape[1:]))
             if offsets is not None:
                 offsets = np.resize(offsets, (self.batch, *offsets.shape[1:]))
-        feed = physics_feed(self.inputs, amplitude, phase, probe, offsets)
+        feed = {self.inputs[0]: np.ascontiguousarray(amplitude, dtype=np.float32),
+                self.inputs[1]: np.ascontiguousarray(phase, dtype=np.float32),
+                **self._side(len(amplitude), probe, offsets)}
         return self.session.run([self.output], feed)[0][:real, :1]
 
     def predict_bound(self, model_outputs: dict[str, Any], probe: np.ndarray | None,
@@ -133,7 +152,8 @@ class PhysicsSession:
                       device_id: int) -> np.ndarray:
         """As :meth:`predict`, from the model's outputs left on the device (the OrtValues of
         runtime.session.IOBindingRunner.last_outputs, padded to a fixed batch already):
-        only the probe and offsets go up, only the (B, 1, N, N) prediction comes back."""
+        only the offsets go up (the probe once per batch size), only the (B, 1, N, N)
+        prediction comes back."""
         amplitude = model_outputs["amplitude"]
         b = int(amplitude.shape()[0])
         binding = self.session.io_binding()
@@ -141,27 +161,19 @@ class PhysicsSession:
         binding.bind_ortvalue_input(self.inputs[1], model_outputs["phase"])
         if offsets is not None and len(offsets) < b:
             offsets = np.resize(offsets, (b, *offsets.shape[1:]))
-        for name, value in self._side_inputs(b, probe, offsets, ort, device,
-                                             device_id).items():
-            binding.bind_ortvalue_input(name, value)
+        side = self._side(b, probe, offsets)
+        cached = self.device_probe.get(b)
+        if cached is None or cached[0] is not probe:
+            cached = (probe, {name: ort.OrtValue.ortvalue_from_numpy(value, device, device_id)
+                              for name, value in side.items() if name.startswith("probe_")})
+            self.device_probe[b] = cached
+        for name, value in side.items():
+            binding.bind_ortvalue_input(name, cached[1][name] if name in cached[1] else
+                                        ort.OrtValue.ortvalue_from_numpy(value, device,
+                                                                         device_id))
         binding.bind_output(self.output, device, device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0][:real, :1]
-
-    def _side_inputs(self, b: int, probe: np.ndarray | None, offsets: np.ndarray | None,
-                     ort: Any, device: str, device_id: int) -> dict[str, Any]:
-        """Probe and offsets as device OrtValues; the probe is uploaded once per batch size
-        (it is the same for every batch of a scan)."""
-        values = {}
-        for name, array in side_feed(self.inputs, b, probe, offsets).items():
-            key = (name, b, id(probe))
-            if name.startswith("probe_") and key in self.device_probe:
-                values[name] = self.device_probe[key]
-                continue
-            values[name] = ort.OrtValue.ortvalue_from_numpy(array, device, device_id)
-            if name.startswith("probe_"):
-                self.device_probe[key] = values[name]
-        return values
 
     def describe(self, channels: int) -> dict[str, str]:
         """What the check compares, for the report."""

@@ -77,10 +77,12 @@ class BaseRunner:
 
     def __init__(self) -> None:
         self.active = False
+        self._inputs: list[TensorMeta] = []
 
     def activate(self) -> None:
         if not self.active:
             self._activate()
+            self._inputs = self._metadata()  # once: infer checks every feed against it
             self.active = True
 
     def deactivate(self) -> None:
@@ -97,11 +99,11 @@ class BaseRunner:
 
     def input_metadata(self) -> list[TensorMeta]:
         self.activate()
-        return self._metadata()
+        return list(self._inputs)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.activate()
-        wanted = self._metadata()
+        wanted = self._inputs
         missing = [meta.name for meta in wanted if meta.name not in feed]
         if missing:
             raise RunnerError(f"{self.name}: the feed lacks {missing} (it has "
