@@ -9,9 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import run_guarded
-from runtime.errors import DataError, ParityError
+from runtime.errors import DataError, ParityError, RunUsageError
 from runtime.inputs import InputOptions
-from runtime.run import RunUsageError
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -121,7 +120,8 @@ def run_command(
         "unless the input is a ptychodus folder).")] = None,
     max_residual: Annotated[float | None, typer.Option(
         help="Exit 6 (after writing the outputs) when the scan's median data-consistency "
-        "R-factor is above this; needs an artifact with physics.onnx.")] = None,
+        "R-factor is above this; needs an artifact with physics.onnx. With several scans, "
+        "each one above it is reported failed.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace -o even when it is a folder ptycho-run did not write "
         "(default: refused, so no one's files are deleted).")] = False,
@@ -130,98 +130,103 @@ def run_command(
                                           "onnxruntime warnings.")] = False,
 ) -> None:
     """Reconstruct a scan with an exported model, without torch."""
-
-    def _inputs() -> InputOptions:
-        return InputOptions(
-            data_kind=data_kind, hdf5_diffraction=hdf5_diffraction, hdf5_x=hdf5_x,
-            hdf5_y=hdf5_y, hdf5_probe=hdf5_probe, hdf5_bad_pixels=hdf5_bad_pixels,
-            position_units=position_units, origin_convention=origin_convention,
-            pixel_size_m=pixel_size_m, energy_ev=energy_ev, distance_m=distance_m,
-            detector_pixel_m=detector_pixel_m, ptychodus_product=ptychodus_product)
-
-    def _run_several(files: list[Path]) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        from runtime.many import SUMMARY_COLUMNS, run_many, summary_rows
-
-        if ptychodus_product is not None:
-            raise RunUsageError("--ptychodus-product names one file: use it with one scan")
-        options = {"provider": provider, "batch_size": batch_size, "threads": threads,
-                   "self_check": self_check, "subpixel": subpixel, "device_id": device_id,
-                   "inputs": _inputs(), "model_format": fmt, "force": force}
-        outcomes = run_many(artifact, files, output or Path("."), options, scheduler,
-                            retries, log=typer.echo)
-        table = Table(title=f"{len(outcomes)} scans"
-                      + (f" on {scheduler}" if scheduler else " (sequential)"))
-        for column in SUMMARY_COLUMNS:
-            table.add_column(column)
-        for row in summary_rows(outcomes):
-            table.add_row(*row)
-        Console().print(table)
-        failed = [o for o in outcomes if o.status != "ok"]
-        if failed:
-            raise DataError(f"{len(failed)} of {len(outcomes)} scans failed; first: "
-                            f"{Path(failed[0].data).name}: {failed[0].error}")
-
+    inputs = InputOptions(
+        data_kind=data_kind, hdf5_diffraction=hdf5_diffraction, hdf5_x=hdf5_x, hdf5_y=hdf5_y,
+        hdf5_probe=hdf5_probe, hdf5_bad_pixels=hdf5_bad_pixels, position_units=position_units,
+        origin_convention=origin_convention, pixel_size_m=pixel_size_m, energy_ev=energy_ev,
+        distance_m=distance_m, detector_pixel_m=detector_pixel_m,
+        ptychodus_product=ptychodus_product)
     fmt = None if model_format == "auto" else model_format
+    options = {"provider": provider, "batch_size": batch_size, "threads": threads,
+               "self_check": self_check, "subpixel": subpixel, "device_id": device_id,
+               "inputs": inputs, "model_format": fmt, "force": force,
+               "max_residual": max_residual}
 
     def body() -> None:
         from runtime.many import expand_inputs
-        from runtime.run import run_scan, self_check_artifact
+        from runtime.run import RunOptions, run_scan
 
         if data is None:
-            result = self_check_artifact(artifact, provider, threads, device_id, fmt)
-            info = result["provider"]
-            facts = result["artifact"]
-            typer.echo(f"artifact: {facts['folder']} ({facts['model']} sha256 verified)")
-            typer.echo(f"provider: {info['provider']} ({info['ep']})")
-            _echo_self_check(result["self_check"])
-            if result["self_check"]["status"] != "PASS":
-                raise ParityError("self-check FAILED: " +
-                                    "; ".join(result["self_check"]["failures"]))
+            _self_check_only(artifact, provider, threads, device_id, fmt)
             return
         files = expand_inputs(data)
         if len(files) > 1 or scheduler is not None:
-            _run_several(files)
+            _run_several(artifact, files, output, options, scheduler, retries)
             return
-        single = files[0]
-        outdir = output or single.with_name(f"{single.stem}_recon")
-        report = run_scan(artifact, single, outdir, provider=provider, batch_size=batch_size,
-                          threads=threads, self_check=self_check, progress=progress,
-                          log_level=2 if verbose else 3, subpixel=subpixel,
-                          device_id=device_id, inputs=_inputs(), model_format=fmt,
-                          force=force, max_residual=max_residual)
-        info = report["provider"]
-        counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
-        runtime_name = "" if info.get("runtime", "onnxruntime") == "onnxruntime" else \
-            f"{info['runtime_version']}, "
-        typer.echo(f"provider: {info['provider']} ({runtime_name}{info['ep']}; nodes {counts})")
-        for name, why in info.get("skipped", {}).items():
-            typer.echo(f"  skipped {name}: {why}")
-        for warning in report["warnings"]:
-            typer.echo(f"warning: {warning}")
-        typer.echo(f"{report['patterns']} patterns in {report['seconds']['inference']:.2f} s: "
-                   f"{report['patterns_per_s']:,.0f} patterns/s (batch {report['batch_size']}: "
-                   f"{report['batch_choice']['reason']})")
-        stitch = report["stitch"]
-        typer.echo(f"stitched in {report['seconds']['stitch']:.2f} s: subpixel "
-                   f"{stitch['subpixel']} ({stitch['subpixel_reason']}), crop {stitch['crop']}")
-        if self_check:
-            _echo_self_check(report["self_check"])
-        _echo_quality(report.get("quality") or {})
-        consistency = report.get("consistency") or {}
-        if "r_factor" in consistency:
-            from runtime.consistency import summary_line as consistency_line
-
-            typer.echo(consistency_line(consistency))
-        files = ", ".join(report["files"])
-        typer.echo(f"wrote {outdir}/ ({files})")
-        if report.get("ptychodus_product"):
-            typer.echo(f"ptychodus product: {report['ptychodus_product']} (a product.h5 in "
-                       "ptychodus's watched output folder is opened automatically)")
+        outdir = output or files[0].with_name(f"{files[0].stem}_recon")
+        report = run_scan(artifact, files[0], outdir, RunOptions(
+            **options, progress=progress, log_level=2 if verbose else 3))
+        _echo_run(report, outdir)
 
     run_guarded(body, verbose)
+
+
+def _self_check_only(artifact: Path, provider: str, threads: int | None, device_id: int,
+                     model_format: str | None) -> None:
+    from runtime.run import self_check_artifact
+
+    result = self_check_artifact(artifact, provider, threads, device_id, model_format)
+    info, facts = result["provider"], result["artifact"]
+    typer.echo(f"artifact: {facts['folder']} ({facts['model']} sha256 verified)")
+    typer.echo(f"provider: {info['provider']} ({info['ep']})")
+    _echo_self_check(result["self_check"])
+    if result["self_check"]["status"] != "PASS":
+        raise ParityError("self-check FAILED: " + "; ".join(result["self_check"]["failures"]))
+
+
+def _run_several(artifact: Path, files: list[Path], output: Path | None,
+                 options: dict[str, Any], scheduler: str | None, retries: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from runtime.many import SUMMARY_COLUMNS, run_many, summary_rows
+
+    if options["inputs"].ptychodus_product is not None:
+        raise RunUsageError("--ptychodus-product names one file: use it with one scan")
+    outcomes = run_many(artifact, files, output or Path("."), options, scheduler, retries,
+                        log=typer.echo)
+    table = Table(title=f"{len(outcomes)} scans"
+                  + (f" on {scheduler}" if scheduler else " (sequential)"))
+    for column in SUMMARY_COLUMNS:
+        table.add_column(column)
+    for row in summary_rows(outcomes):
+        table.add_row(*row)
+    Console().print(table)
+    failed = [o for o in outcomes if o.status != "ok"]
+    if failed:
+        raise DataError(f"{len(failed)} of {len(outcomes)} scans failed; first: "
+                        f"{Path(failed[0].data).name}: {failed[0].error}")
+
+
+def _echo_run(report: dict[str, Any], outdir: Path) -> None:
+    """What ran where and how fast, then the quality lines; report.json has the rest."""
+    info = report["provider"]
+    counts = ", ".join(f"{k}: {v}" for k, v in report["node_counts"].items())
+    runtime_name = "" if info.get("runtime", "onnxruntime") == "onnxruntime" else \
+        f"{info['runtime_version']}, "
+    typer.echo(f"provider: {info['provider']} ({runtime_name}{info['ep']}; nodes {counts})")
+    for name, why in info.get("skipped", {}).items():
+        typer.echo(f"  skipped {name}: {why}")
+    for warning in report["warnings"]:
+        typer.echo(f"warning: {warning}")
+    typer.echo(f"{report['patterns']} patterns in {report['seconds']['inference']:.2f} s: "
+               f"{report['patterns_per_s']:,.0f} patterns/s (batch {report['batch_size']}: "
+               f"{report['batch_choice']['reason']})")
+    stitch = report["stitch"]
+    typer.echo(f"stitched in {report['seconds']['stitch']:.2f} s: subpixel "
+               f"{stitch['subpixel']} ({stitch['subpixel_reason']}), crop {stitch['crop']}")
+    if report["self_check"].get("status") != "SKIPPED":
+        _echo_self_check(report["self_check"])
+    _echo_quality(report.get("quality") or {})
+    consistency = report.get("consistency") or {}
+    if "r_factor" in consistency:
+        from runtime.consistency import summary_line as consistency_line
+
+        typer.echo(consistency_line(consistency))
+    typer.echo(f"wrote {outdir}/ ({', '.join(report['files'])})")
+    if report.get("ptychodus_product"):
+        typer.echo(f"ptychodus product: {report['ptychodus_product']} (a product.h5 in "
+                   "ptychodus's watched output folder is opened automatically)")
 
 
 def main() -> None:

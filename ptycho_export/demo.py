@@ -6,7 +6,6 @@ commands use, on a simulated scan whose ground truth lets the result be scored.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +31,7 @@ from runtime.images import (
 from runtime.inputs import InputOptions
 from runtime.metrics import align_to_reference
 from runtime.physics_check import residual_summary
+from runtime.report_io import write_json
 from runtime.run import run_scan
 from runtime.scan import save_scan
 from runtime.stitch import crop_to
@@ -70,11 +70,6 @@ def object_parity(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray
     diff = np.abs(candidate.astype(np.complex128) - reference)[mask]
     scale = float(np.abs(reference[mask]).max())
     return {"max_abs": float(diff.max()), "rel_max": float(diff.max()) / scale}
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    with write_atomic(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def save_side_by_side(out: Path, obj: np.ndarray, truth: np.ndarray, mask: np.ndarray
@@ -193,7 +188,7 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
               "stitched_parity_onnx_vs_eager": stitched_parity, "consistency": consistency,
               "bundle": str(result.bundle_path), "final_loss": result.history[-1]
               if result.history else None}
-    _write_json(out / "demo_report.json", report)
+    write_json(out / "demo_report.json", report)
     if quality.get("ground_truth"):
         log(f"quality vs ground truth: {summary_line(quality)}")
     for text in quality.get("warnings", []):

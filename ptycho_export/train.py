@@ -7,7 +7,6 @@ LightningModule holds the science. Only rank 0 writes the bundle and reports.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -33,8 +32,9 @@ from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
 from ptycho_export.reconstruct import quality_report, reconstruct_eager, stitch_with_probe
-from runtime.atomic import write_atomic, written_atomic
+from runtime.atomic import written_atomic
 from runtime.errors import DataError, EnvironmentProblem
+from runtime.report_io import write_json
 from runtime.scan import ScanData, load_scan
 
 # Training time the tool plans for when no --epochs/--steps are given (object solve
@@ -210,11 +210,6 @@ def consistency_reference(net: torch.nn.Module, datamodule: ScanDataModule, prob
     return {"patterns": report["patterns"], "r_factor": report["r_factor"],
             "deviance_per_pixel": report["deviance_per_pixel"],
             "source": "the training scan, every pattern, eager float32"}
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    with write_atomic(path, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True))
 
 
 def fit_interrupted(trainer: L.Trainer, module: L.LightningModule, datamodule: Any,
@@ -531,8 +526,8 @@ def train(
         quality["fit"] = fit_report(history.rows, poisson_floor(
             scan.amplitudes, normalization.amplitude_scale, options.seed), options.loss)
         quality["warnings"] = quality.get("warnings", []) + quality["fit"].pop("warnings")
-        _write_json(run / "quality.json", quality)
-        _write_json(run / "history.json", history.rows)
+        write_json(run / "quality.json", quality)
+        write_json(run / "history.json", history.rows)
     return TrainResult(bundle_path=bundle_path, run_dir=run, history=history.rows,
                        quality=quality, seconds=time.perf_counter() - started,
                        steps=int(trainer.global_step), plan_how=plan["how"])

@@ -40,6 +40,13 @@ class EnvironmentProblem(PtychoError):
     exit_code = EXIT_ENVIRONMENT
 
 
+class RunUsageError(PtychoError):
+    """ptycho-run options that contradict each other or the artifact (fix the command
+    line)."""
+
+    exit_code = EXIT_USAGE
+
+
 class ParityError(PtychoError):
     """A frozen artifact disagrees with the eager model beyond tolerance."""
 

@@ -167,9 +167,18 @@ class OrtRunner(BaseRunner):
         return dict(zip(names, self.session.run(names, feed), strict=True))
 
 
+def fill_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """``x`` (at most ``batch`` rows) padded to ``batch`` rows by repeating its last row,
+    the one padding every fixed-batch loop uses (the gate, ptycho-parity, ptycho-run): the
+    graph sees rows like the real ones, and the caller drops the padding's outputs."""
+    if len(x) >= batch:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+
+
 class FixedBatchRunner:
     """A fixed-batch runner fed any number of samples: chunks of its batch, the last one
-    padded by repeating its rows, padding dropped from the outputs. A gate then sees every
+    padded by :func:`fill_batch`, padding dropped from the outputs. A gate then sees every
     case whole instead of the first ``batch`` samples."""
 
     def __init__(self, runner: Runner, batch: int) -> None:
@@ -196,7 +205,7 @@ class FixedBatchRunner:
             chunk = {k: v[start:start + self.batch] for k, v in feed.items()}
             used = len(next(iter(chunk.values())))
             if used < self.batch:
-                chunk = {k: np.resize(v, (self.batch, *v.shape[1:])) for k, v in chunk.items()}
+                chunk = {k: fill_batch(v, self.batch) for k, v in chunk.items()}
             for name, value in self.runner.infer(chunk).items():
                 parts.setdefault(name, []).append(value[:used])
         return {name: np.concatenate(values) for name, values in parts.items()}

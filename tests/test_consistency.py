@@ -99,9 +99,9 @@ def test_io_binding_run_keeps_the_model_outputs_for_the_physics(fitted: tuple[Pa
     copies, for a full and a short batch."""
     import onnxruntime
 
+    from runtime.batching import iter_batches, output_shape
     from runtime.manifest import load_artifact
     from runtime.physics_check import open_physics
-    from runtime.run import _output_shape, iter_batches
     from runtime.scan import load_scan
     from runtime.session import IOBindingRunner, create_session
 
@@ -110,7 +110,7 @@ def test_io_binding_run_keeps_the_model_outputs_for_the_physics(fitted: tuple[Pa
     scan = load_scan(scan_path)
     session, _ = create_session(spec.model_path, "cpu")
     runner = IOBindingRunner(session, onnxruntime, spec.input_name, spec.output_names,
-                             lambda name, b: _output_shape(spec, name, b), device="cpu")
+                             lambda name, b: output_shape(spec, name, b), device="cpu")
     physics, _ = open_physics(spec, "cpu", None, 0)
     x = np.asarray(scan.amplitudes[:, None], dtype=np.float32)[:40]
     for start, stop, out in iter_batches(session, spec, len(x), lambda a, b: x[a:b], 32,
@@ -190,6 +190,13 @@ def test_training_reference_flags_an_out_of_distribution_scan(fitted: tuple[Path
     assert caught.value.exit_code == 6 and "above --max-residual 0.25" in str(caught.value)
     assert (tmp_path / "limited" / "report.json").is_file()
     run_scan(art, scan, tmp_path / "fine", provider="cpu", progress=False, max_residual=0.25)
+    # with several scans the limit holds per scan: the wide one fails, the own one passes
+    from runtime.many import run_many
+
+    outcomes = run_many(art, [scan, wide], tmp_path / "night",
+                        {"provider": "cpu", "max_residual": 0.25}, log=lambda line: None)
+    assert [o.status for o in outcomes] == ["ok", "failed"]
+    assert "above --max-residual 0.25" in outcomes[1].error and outcomes[1].attempts == 1
 
 
 def test_max_residual_needs_the_physics_graph(trained_bundle: Path, tmp_path: Path) -> None:

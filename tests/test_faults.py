@@ -38,7 +38,7 @@ INTERRUPTS = [(KeyboardInterrupt, EXIT_INTERRUPTED, "interrupted: no partial out
 RUN_STAGES = ["load_artifact", "open_input", "check_canvas", "open_session",
               "StitchAccumulator", "quality_report", "_write_outputs", "replace_dir"]
 EXPORT_STAGES = ["read_bundle", "lint_module", "save_onnx", "audit_onnx", "run_parity",
-                 "_write_json", "replace_dir"]
+                 "write_json", "replace_dir"]
 TRAIN_STAGES = ["ScanDataModule", "build_guide", "plan_training", "fit_interrupted",
                 "golden_samples", "write_bundle"]
 

@@ -25,11 +25,13 @@ pytest.importorskip("onnxruntime")
 from onnx import numpy_helper  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import ptycho_export.parity_check as parity_check  # noqa: E402
 import ptycho_export.parity_report as parity_report  # noqa: E402
 from cli.parity import app  # noqa: E402
 from ptycho_export.data.simulate import SimulationConfig, simulate_scan  # noqa: E402
 from ptycho_export.export import ExportOptions, export_bundle  # noqa: E402
-from ptycho_export.parity_report import error_rgb, infer_groups, object_errors  # noqa: E402
+from ptycho_export.parity_check import infer_groups, object_errors  # noqa: E402
+from ptycho_export.parity_report import error_rgb  # noqa: E402
 from runtime.errors import EXIT_BAD_INPUT, EXIT_PARITY  # noqa: E402
 from runtime.images import UNVISITED_RGB  # noqa: E402
 from runtime.scan import save_scan  # noqa: E402
@@ -177,7 +179,7 @@ def test_device_rows_with_cuda_present(tiny_bundle: Path, exported: Path, scan_f
     """The CUDA bookkeeping, on a machine without one: "cuda" torch runners are built on
     the CPU, so CUDA-vs-CPU rows must be exact; onnxruntime has no CUDA here, so its CUDA
     rows stay skipped with the reason."""
-    real_build = parity_report.build_runner
+    real_build = parity_check.build_runner
 
     def build(variant, wrapper, files):  # noqa: ANN001, ANN202
         if variant.device == "cuda" and variant.family != "onnx":
@@ -186,10 +188,10 @@ def test_device_rows_with_cuda_present(tiny_bundle: Path, exported: Path, scan_f
             return runner
         return real_build(variant, wrapper, files)
 
-    monkeypatch.setattr(parity_report, "build_runner", build)
+    monkeypatch.setattr(parity_check, "build_runner", build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "simulated")
-    monkeypatch.setattr(parity_report, "_ort_cuda_reason", lambda: "no CUDA in onnxruntime")
+    monkeypatch.setattr(parity_check, "_ort_cuda_reason", lambda: "no CUDA in onnxruntime")
     report = parity_report.run_parity_check(tiny_bundle, exported, scan_file,
                                             tmp_path / "report")
     assert report["status"] == "PASS"
@@ -316,7 +318,7 @@ def test_scan_of_another_patch_size_exit_3(cli: CliRunner, tiny_bundle: Path, ex
 def test_runner_that_raises_is_a_failed_check(cli: CliRunner, tiny_bundle: Path,
                                               exported: Path, scan_file: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real_build = parity_report.build_runner
+    real_build = parity_check.build_runner
 
     class Broken:
         name = "pt2 cpu"
@@ -327,7 +329,7 @@ def test_runner_that_raises_is_a_failed_check(cli: CliRunner, tiny_bundle: Path,
     def build(variant, wrapper, files):  # noqa: ANN001, ANN202
         return Broken() if variant.label == "pt2 cpu" else real_build(variant, wrapper, files)
 
-    monkeypatch.setattr(parity_report, "build_runner", build)
+    monkeypatch.setattr(parity_check, "build_runner", build)
     result = cli.invoke(app, [str(tiny_bundle), str(exported), str(scan_file),
                               "-o", str(tmp_path / "report")])
     assert result.exit_code == EXIT_PARITY, result.output + result.stderr

@@ -646,7 +646,7 @@ def test_export_fault_keeps_the_old_export(tmp_path: Path, tiny_bundle: Path, to
     (outdir / "old.txt").write_text("previous export")
     (outdir / "manifest.json").write_text('{"format": "ptycho-export-artifacts"}')
     if fault == "disk-full":
-        monkeypatch.setattr(pipeline, "_write_json", _fill_disk_after(100, ENOSPC))
+        monkeypatch.setattr(pipeline, "write_json", _fill_disk_after(100, ENOSPC))
     else:
         def interrupt(*args: Any, **kwargs: Any) -> None:
             raise KeyboardInterrupt
@@ -939,7 +939,7 @@ def test_one_far_position_is_refused_before_any_allocation(tmp_path: Path, toy: 
 
 
 def test_canvas_check_against_the_memory_the_machine_reports(tmp_path: Path) -> None:
-    from runtime.run import check_canvas
+    from runtime.batching import check_canvas
 
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 100 kB\nMemAvailable: 1048576 kB\n")  # 1 GiB

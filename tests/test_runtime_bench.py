@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import runtime.bench as runtime_bench_parts
 from bench import runtime_bench
 
 
@@ -30,10 +31,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
 
 
 def test_stream_is_bounded_and_covers_the_scan() -> None:
-    batches = list(runtime_bench._stream(2500, 16, 1000, 0))
+    batches = list(runtime_bench_parts._stream(2500, 16, 1000, 0))
     assert [len(p) for p, _ in batches] == [1000, 1000, 500]
     positions = np.concatenate([q for _, q in batches])
-    np.testing.assert_array_equal(positions, runtime_bench.raster(2500, 16, 0))
+    np.testing.assert_array_equal(positions, runtime_bench_parts.raster(2500, 16, 0))
     assert np.shares_memory(batches[0][0], batches[2][0])  # one reused pool
 
 
@@ -45,7 +46,7 @@ def test_cold_start_on_a_tiny_artifact(tmp_path: Path, tiny_bundle: Path) -> Non
     export_bundle(tiny_bundle, artifact, ExportOptions(formats=["onnx"]))
     batch = tmp_path / "batch.npy"
     np.save(batch, np.ones((4, 1, 32, 32), np.float32))
-    result = runtime_bench.bench_cold_start(artifact, batch, 1, log=lambda _: None)
+    result = runtime_bench_parts.bench_cold_start(artifact, batch, 1, log=lambda _: None)
     assert result["batch"] == 4 and result["torch_imported"] is False
     summary = result["summary"]
     assert summary["process_wall_s"]["median"] >= summary["in_process_s"]["median"] > 0

@@ -21,23 +21,22 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.run import app
-from runtime.errors import EXIT_USAGE, DataError, EnvironmentProblem
-from runtime.grouping import group_neighbours
-from runtime.manifest import ArtifactSpec, load_artifact
-from runtime.run import (
+from runtime.batching import (
     DEFAULT_BATCH,
     GPU_HEADROOM_BYTES,
     MAX_AUTO_BATCH,
     MAX_AUTO_BATCH_CPU,
-    RunUsageError,
     auto_batch,
     bytes_per_pattern,
     choose_batch,
     iter_batches,
-    make_runner,
-    mem_available_bytes,
-    run_scan,
 )
+from runtime.errors import EXIT_USAGE, DataError, EnvironmentProblem, RunUsageError
+from runtime.grouping import group_neighbours
+from runtime.manifest import ArtifactSpec, load_artifact
+from runtime.memory import mem_available_bytes
+from runtime.model_session import make_runner
+from runtime.run import run_scan
 from runtime.scan import load_scan, validate_scan
 from runtime.scan_stream import memmap_npz_member, open_scan
 from runtime.session import (
@@ -549,13 +548,13 @@ def test_io_binding_calls_against_real_onnxruntime(toy_artifacts: dict[str, Path
     are onnxruntime's, outputs come back in output order, buffers are reused."""
     import onnxruntime
 
-    from runtime.run import _output_shape
+    from runtime.batching import output_shape
     from runtime.session import IOBindingRunner
 
     spec = load_artifact(toy_artifacts["g1"])
     session, _ = create_session(spec.model_path, "cpu")
     runner = IOBindingRunner(session, onnxruntime, spec.input_name, spec.output_names,
-                             lambda name, b: _output_shape(spec, name, b), device="cpu")
+                             lambda name, b: output_shape(spec, name, b), device="cpu")
     x = np.random.default_rng(3).random((7, 1, N, N), dtype=np.float32)
     out = _collect(session, spec, x, 3, runner)
     np.testing.assert_array_equal(out["amplitude"], 0.5 * x)

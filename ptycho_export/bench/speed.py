@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -26,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -35,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from runtime.bench import bench_stitch
+from runtime.memory import peak_rss_mb, reset_peak_rss, rss_mb
+from runtime.report_io import markdown_table, write_json, write_text
 
 SCHEMA = "ptycho-bench/1"
 BASELINE = "eager"
@@ -244,45 +246,6 @@ def tune_glibc_malloc() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0) == 1
                 and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1)
-
-
-def _status_mb(key: str) -> float | None:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return None
-
-
-def rss_mb() -> float:
-    value = _status_mb("VmRSS")
-    if value is not None:
-        return value
-    with contextlib.suppress(ImportError):
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return peak_rss_mb()
-
-
-def peak_rss_mb() -> float:
-    """VmHWM (resettable on Linux), else ru_maxrss (monotonic over the process)."""
-    value = _status_mb("VmHWM")
-    if value is not None:
-        return value
-    # ru_maxrss is KiB on Linux, bytes on macOS
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        2**20 if sys.platform == "darwin" else 1024)
-
-
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -771,53 +734,6 @@ def gpu_section(net: Any, artifacts: Path, inputs: np.ndarray, config: BenchConf
          torch.backends.cudnn.benchmark) = saved
 
 
-def bench_stitch(count: int, n: int, seed: int, repeats: int = 3) -> dict[str, Any]:
-    """stitch_patches on `count` random complex64 N x N patches on a jittered raster.
-
-    Integer placement (the default path) is timed ``repeats`` times; when the stitcher has
-    sub-pixel modes, each is timed once on the same patches at fractional positions.
-    """
-    import inspect
-
-    from runtime.stitch import stitch_patches
-
-    rng = np.random.default_rng(seed)
-    side = math.ceil(math.sqrt(count))
-    step = max(n // 5, 1)
-    yy, xx = np.divmod(np.arange(count), side)
-    fractional = np.stack([yy, xx], 1) * float(step) + n / 2
-    fractional += rng.uniform(-1.0, 1.0, fractional.shape)
-    patches = np.empty((count, n, n), dtype=np.complex64)
-    patches.real = rng.standard_normal((count, n, n), dtype=np.float32)
-    patches.imag = rng.standard_normal((count, n, n), dtype=np.float32)
-    coords = np.arange(n) - n / 2
-    weights = np.exp(-(coords[:, None] ** 2 + coords[None, :] ** 2) / (n / 4) ** 2)
-    weights = weights.astype(np.float32)
-    modes: dict[str, dict[str, Any]] = {}
-
-    def timed(positions: np.ndarray, times: int, **kwargs: Any) -> dict[str, Any]:
-        spent = []
-        for _ in range(times):
-            t0 = time.perf_counter()
-            stitched = stitch_patches(patches, positions, weights=weights, **kwargs)
-            spent.append(time.perf_counter() - t0)
-        median = statistics.median(spent)
-        return {"s_median": round(median, 4), "s_min": round(min(spent), 4), "repeats": times,
-                "patches_per_s": round(count / median, 1), "canvas": list(stitched.obj.shape)}
-
-    modes["integer"] = timed(np.rint(fractional), repeats)
-    params = inspect.signature(stitch_patches).parameters
-    if "subpixel" in params:
-        from runtime import stitch as stitch_module
-
-        for mode in getattr(stitch_module, "SUBPIXEL_METHODS", ()):
-            if mode != "none":
-                modes[f"subpixel {mode}"] = timed(fractional, 1, subpixel=mode)
-    main = modes["integer"]
-    return {"patches": count, "patch_size": n, "step_px": step, "weights": "gaussian",
-            "input_mb": round(count * n * n * 8 / 2**20, 1), **main, "modes": modes}
-
-
 def bench_end_to_end(artifacts: Path, n: int, grid: int, batch: int, seed: int,
                      workdir: Path) -> dict[str, Any]:
     """ptycho-run's run_scan on a simulated scan (CPU provider, its default session)."""
@@ -1132,12 +1048,6 @@ def findings(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _md_table(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def contention_note(result: dict[str, Any]) -> list[str]:
     """A warning line when other processes shared the CPU during the run."""
     threads = result["env"]["torch_threads"]
@@ -1164,7 +1074,7 @@ def markdown_report(result: dict[str, Any]) -> str:
            f"{model['flops']['gflop_per_pattern']:.3f} GFLOP per pattern (convs). "
            f"CPU peak {_fmt(peak['gflops'])} GFLOP/s ({peak['assumption']}).", "",
            "## Headline: CPU, ratios to eager PyTorch (NCHW, inference_mode)", "",
-           _md_table(HEADLINE_COLUMNS, headline_rows(result)), "",
+           markdown_table(HEADLINE_COLUMNS, headline_rows(result)), "",
            f"Median of up to {result['config']['repeats']} interleaved rounds (at least "
            f"{min(3, result['config']['repeats'])}, "
            f"fewer past {result['config']['max_seconds']} s per batch size; see 'rounds' in "
@@ -1185,7 +1095,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     sweep = result["cpu"]["ort_sweep"]
     out += ["", f"## onnxruntime CPU settings (batch {sweep['batch']}, "
             f"{result['config']['sweep_repeats']} rounds)", "",
-            _md_table(SWEEP_COLUMNS, sweep_rows(result)), "",
+            markdown_table(SWEEP_COLUMNS, sweep_rows(result)), "",
             f"Used for the headline row: **{sweep['best']}** ({sweep['best_rule']}). "
             "Each factor against its neighbour (paired ratios):", "", *findings(result), ""]
     gpu = result["gpu"]
@@ -1196,7 +1106,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         out += [f"{gpu['device']}; peak {gpu['peak']['fp32_tflops']} TFLOP/s fp32, "
                 f"{gpu['peak']['tf32_tflops']} TF32 ({gpu['peak']['assumption']}); "
                 f"cudnn.benchmark on; {gpu['note']}.", "",
-                _md_table(GPU_COLUMNS, headline_rows(result, "gpu"))]
+                markdown_table(GPU_COLUMNS, headline_rows(result, "gpu"))]
     out += ["", "## Stitching and end to end", ""]
     for section in ("stitch", "end_to_end"):
         if result[section] and result[section].get("status") == "failed":
@@ -1224,37 +1134,12 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, OrtSetting):
-        return value.to_dict()
-    return value
-
-
 def write_results(result: dict[str, Any], outdir: Path) -> tuple[Path, Path]:
     outdir = Path(outdir)
     json_path = outdir / f"{result['machine']}.json"
     md_path = outdir / f"{result['machine']}.md"
-    _atomic_write(json_path, json.dumps(_jsonable(result), indent=2, sort_keys=False) + "\n")
-    _atomic_write(md_path, markdown_report(result))
+    write_json(json_path, result, sort_keys=False)
+    write_text(md_path, markdown_report(result))
     return json_path, md_path
 
 

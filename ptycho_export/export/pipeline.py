@@ -57,6 +57,7 @@ from runtime.atomic import (
 from runtime.compare import DEFAULT_TOLERANCES, check_tolerances, loosened
 from runtime.errors import ParityError, naming
 from runtime.manifest import is_export_folder
+from runtime.report_io import write_json
 from runtime.runner import FixedBatchRunner, OrtRunner, Runner
 
 MANIFEST_FORMAT = "ptycho-export-artifacts"
@@ -173,10 +174,6 @@ def save_onnx(program_or_module: Any, example: tuple[torch.Tensor, ...], path: P
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.save_model(model, str(path), save_as_external_data=False)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def _gate(rows: list[ParityRow]) -> list[str]:
@@ -384,7 +381,7 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
                       "output": str(outdir)}
             shutil.rmtree(tmp)
             tmp.mkdir()
-            _write_json(tmp / "parity_failure.json", report)
+            write_json(tmp / "parity_failure.json", report)
             (tmp / "parity_failure.md").write_text(
                 "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
                 "\n\n" + table + "\n\nNext: inspect the failing node with "
@@ -419,7 +416,7 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         }
         manifest["files"] = {p.name: {"sha256": sha256_file(p), "size": p.stat().st_size}
                              for p in sorted(tmp.iterdir()) if p.is_file()}
-        _write_json(tmp / "manifest.json", manifest)
+        write_json(tmp / "manifest.json", manifest)
         replace_dir(tmp, outdir)
         stale = failed_beside(outdir)
         if stale.is_dir() and is_export_folder(stale):  # an older failure, now superseded
