@@ -18,7 +18,7 @@ import numpy as np
 from runtime.errors import DataError, RunUsageError
 from runtime.manifest import ArtifactSpec
 from runtime.memory import mem_available_bytes
-from runtime.runner import fill_batch
+from runtime.runner import Runner, fill_batch
 from runtime.session import SessionInfo, cuda_free_bytes
 
 # Batch size when it is neither given, fixed by the artifact, nor derivable from memory.
@@ -155,20 +155,18 @@ def output_shape(spec: ArtifactSpec, name: str, batch: int) -> tuple[int, ...]:
     return (batch, spec.channels, spec.patch_size, spec.patch_size)
 
 
-def iter_batches(session: Any, spec: ArtifactSpec, total: int,
-                 get: Callable[[int, int], np.ndarray], batch: int,
-                 runner: Callable[[np.ndarray], list[np.ndarray]] | None = None
+def iter_batches(runner: Runner, spec: ArtifactSpec, total: int,
+                 get: Callable[[int, int], np.ndarray], batch: int
                  ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-    """Yield (start, stop, outputs) per batch; a short last batch of a fixed-batch model is
+    """Yield (start, stop, outputs) per batch of ``get(start, stop)`` through ``runner``
+    (runtime.model_session.make_runner); a short last batch of a fixed-batch model is
     padded to the fixed size (runtime.runner.fill_batch) and the padding's outputs are
-    dropped. ``runner`` (IO binding, runtime.model_session.make_runner) replaces
-    ``session.run`` when given."""
-    names = list(spec.output_names)
+    dropped."""
     for start in range(0, total, batch):
         stop = min(start + batch, total)
         x = np.ascontiguousarray(get(start, stop), dtype=np.float32)
         real = stop - start
         if spec.batch is not None:
             x = fill_batch(x, spec.batch)
-        values = runner(x) if runner is not None else session.run(names, {spec.input_name: x})
-        yield start, stop, {n: np.asarray(v)[:real] for n, v in zip(names, values, strict=True)}
+        values = runner.infer({spec.input_name: x})
+        yield start, stop, {n: np.asarray(values[n])[:real] for n in spec.output_names}

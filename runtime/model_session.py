@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from runtime.batching import iter_batches, output_shape
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import ArtifactError, EnvironmentProblem, ParityError, RunUsageError
 from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
-from runtime.runner import runner_factory
+from runtime.runner import OrtRunner, Runner, TensorMeta, runner_factory
 from runtime.session import (
     IOBindingRunner,
     SessionInfo,
@@ -31,22 +30,31 @@ from runtime.session import (
 )
 
 
+def input_meta(spec: ArtifactSpec) -> TensorMeta:
+    """The manifest's input: float32 (batch, C, N, N), the batch fixed or any."""
+    return TensorMeta(spec.input_name, (spec.batch, spec.channels, spec.patch_size,
+                                        spec.patch_size), "float32")
+
+
 def make_runner(session: Any, info: SessionInfo, spec: ArtifactSpec,
-                ort: Any = None) -> IOBindingRunner | None:
-    """IO binding for onnxruntime sessions on a CUDA device; None (plain session.run) on
-    the CPU and for TorchScript (which copies each batch to its device itself)."""
+                ort: Any = None) -> Runner:
+    """The session as a runner of the protocol, fed and read as the manifest says: with
+    IO binding for onnxruntime on a CUDA device (runtime.session.IOBindingRunner), else
+    plain ``session.run`` (the CPU; TorchScript and .pt2, which copy each batch to their
+    device themselves)."""
+    meta = input_meta(spec)
     if not info.on_device or info.runtime != "onnxruntime":
-        return None
+        return OrtRunner(f"{info.runtime} {info.provider}", session=session, inputs=[meta],
+                         outputs=list(spec.output_names))
     return IOBindingRunner(session, ort if ort is not None else import_onnxruntime(),
                            spec.input_name, spec.output_names, partial(output_shape, spec),
-                           info.device_id)
+                           info.device_id, input_shape=meta.shape)
 
 
 
-def run_self_check(spec: ArtifactSpec, session: Any,
-                   runner: Callable[[np.ndarray], list[np.ndarray]] | None = None
-                   ) -> dict[str, Any]:
-    """Golden inputs through this session vs the exporter's eager outputs, per output.
+def run_self_check(spec: ArtifactSpec, runner: Runner) -> dict[str, Any]:
+    """Golden inputs through the session's runner vs the exporter's eager outputs, per
+    output.
 
     Catches what the hash cannot: a provider or onnxruntime build that computes this graph
     differently from where it was exported (TF32, a broken kernel, a bad CUDA library).
@@ -66,8 +74,7 @@ def run_self_check(spec: ArtifactSpec, session: Any,
                             f"(B, {', '.join(map(str, want))})")
     batch = spec.batch or len(x)
     outputs: dict[str, list[np.ndarray]] = {name: [] for name in spec.output_names}
-    for _, _, values in iter_batches(session, spec, len(x), lambda a, b: x[a:b], batch,
-                                     runner):
+    for _, _, values in iter_batches(runner, spec, len(x), lambda a, b: x[a:b], batch):
         for name, value in values.items():
             outputs[name].append(value)
     candidate = {name: np.concatenate(parts) for name, parts in outputs.items()}
@@ -93,7 +100,7 @@ def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto"
     check_format(model_format)
     spec = load_artifact(artifact, check_golden=True, model_format=model_format)
     session, info = open_session(spec, provider, threads, device_id=device_id, profile=False)
-    result = run_self_check(spec, session, make_runner(session, info, spec))
+    result = run_self_check(spec, make_runner(session, info, spec))
     return {"artifact": artifact_facts(spec), "provider": info.to_dict(), "self_check": result}
 
 

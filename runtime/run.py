@@ -88,6 +88,7 @@ from runtime.physics_check import (
     open_physics,
 )
 from runtime.report_io import write_json
+from runtime.runner import Runner
 from runtime.scan import ScanData
 from runtime.session import IOBindingRunner, SessionInfo
 from runtime.stitch import (
@@ -393,14 +394,18 @@ class Engine:
     placement: dict[str, dict[str, int]]  # provider -> op -> nodes
     batch: int
     batch_choice: dict[str, Any]
-    runner: IOBindingRunner | None
+    runner: Runner  # the session as a protocol runner (IO binding on a CUDA device)
     physics: PhysicsSession | None
     physics_why: str
 
     @property
+    def io_binding(self) -> bool:
+        return isinstance(self.runner, IOBindingRunner)
+
+    @property
     def physics_on_device(self) -> bool:
         """The physics graph reads the model's outputs where IO binding left them."""
-        return self.physics is not None and self.runner is not None
+        return self.physics is not None and self.io_binding
 
 
 def open_engine(plan: RunPlan, session_cache: SessionCache | None = None) -> Engine:
@@ -449,7 +454,7 @@ def self_check_stage(plan: RunPlan, engine: Engine) -> dict[str, Any] | None:
     before any scan is inferred."""
     if not plan.options.self_check:
         return None
-    check = run_self_check(plan.spec, engine.session, engine.runner)
+    check = run_self_check(plan.spec, engine.runner)
     raise_if_failed(check, plan.spec, engine.info)
     return check
 
@@ -486,9 +491,9 @@ def infer_stage(plan: RunPlan, engine: Engine) -> Inference:
     with _progress(plan.options.progress) as bar, \
             BatchStitcher(accumulator, overlap) as stitcher:
         task = bar.add_task(f"inference ({engine.info.provider})", total=plan.total, rate="")
-        for start, stop, out in iter_batches(engine.session, spec, plan.total,
+        for start, stop, out in iter_batches(runner, spec, plan.total,
                                              lambda a, b: scan.amplitudes[groups[a:b]],
-                                             engine.batch, runner):
+                                             engine.batch):
             stitcher.add(out["amplitude"][:, 0], out["phase"][:, 0], anchors[start:stop])
             if consistency is not None:
                 t_phys = time.perf_counter()
@@ -578,7 +583,7 @@ def build_report(plan: RunPlan, engine: Engine, inference: Inference,
         "batch_size": engine.batch,
         "batch_choice": engine.batch_choice,
         "batches": -(-plan.total // engine.batch),
-        "io_binding": engine.runner is not None,
+        "io_binding": engine.io_binding,
         "stitch": {"subpixel": plan.subpixel, "subpixel_reason": plan.subpixel_reason,
                    "crop": inference.crop, "weights": "|probe|^2",
                    "overlapped_with_inference": inference.overlap},

@@ -137,16 +137,21 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(double)": "float64",
 class OrtRunner(BaseRunner):
     """An onnxruntime session: built from a path on activation (through
     runtime.session.create_session, which checks that the provider really runs and keeps
-    CUDA TF32 off), or an already built one."""
+    CUDA TF32 off), or an already built one. ``inputs`` and ``outputs``, when given, say
+    what to feed and fetch instead of asking the session: ptycho-run passes the manifest's
+    (already checked against the graph), which also lets the torch sessions of model.ts
+    and model.pt2, with onnxruntime's ``run(names, feed)``, run through this runner."""
 
     def __init__(self, name: str, path: str | os.PathLike[str] | None = None, *,
-                 provider: str = "cpu", threads: int | None = None, session: Any = None
+                 provider: str = "cpu", threads: int | None = None, session: Any = None,
+                 inputs: list[TensorMeta] | None = None, outputs: list[str] | None = None
                  ) -> None:
         super().__init__()
         if (path is None) == (session is None):
             raise ValueError("OrtRunner takes a model path or a session, not both")
         self.name, self.path, self.provider, self.threads = name, path, provider, threads
         self.session = session
+        self._given_inputs, self._output_names = inputs, outputs
 
     def _activate(self) -> None:
         if self.session is None:
@@ -159,11 +164,15 @@ class OrtRunner(BaseRunner):
             self.session = None
 
     def _metadata(self) -> list[TensorMeta]:
+        if self._output_names is None:
+            self._output_names = [o.name for o in self.session.get_outputs()]
+        if self._given_inputs is not None:
+            return list(self._given_inputs)
         return [TensorMeta(i.name, tuple(d if isinstance(d, int) else None for d in i.shape),
                            _ORT_DTYPES.get(i.type, i.type)) for i in self.session.get_inputs()]
 
     def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = [o.name for o in self.session.get_outputs()]
+        names = self._output_names
         return dict(zip(names, self.session.run(names, feed), strict=True))
 
 

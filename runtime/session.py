@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from runtime.errors import ArtifactError, EnvironmentProblem
+from runtime.runner import BaseRunner, TensorMeta
 
 __all__ = [
     "AUTO_ORDER",
@@ -330,9 +331,9 @@ def measure_node_placement(session: Any, feed: dict[str, np.ndarray],
 # --------------------------------------------------------------------------- CUDA device
 
 
-class IOBindingRunner:
-    """Batches through a CUDA session with IO binding: one host->device copy of the input
-    and one device->host copy of the outputs per batch.
+class IOBindingRunner(BaseRunner):
+    """A runner (runtime.runner protocol) of a CUDA session with IO binding: one
+    host->device copy of the input and one device->host copy of the outputs per batch.
 
     Without binding, ``session.run`` copies the input to the GPU and every output back
     inside each call, and allocates fresh output buffers each time. Here the input is an
@@ -340,13 +341,18 @@ class IOBindingRunner:
     device for each batch shape (reused across batches; a short last batch of a dynamic
     artifact gets its own), and ``copy_outputs_to_cpu`` fetches them once per batch.
     ``ort`` is the onnxruntime module (a stand-in in tests); ``device`` is "cuda" in use
-    ("cpu" lets a test drive the same calls through a real CPU session).
+    ("cpu" lets a test drive the same calls through a real CPU session); ``input_shape``
+    is the input's (None where any size goes), for the protocol's feed check.
     """
 
     def __init__(self, session: Any, ort: Any, input_name: str, output_names: Sequence[str],
                  output_shape: Any, device_id: int = 0, output_dtype: Any = np.float32,
-                 device: str = "cuda") -> None:
+                 device: str = "cuda", input_shape: tuple[int | None, ...] | None = None
+                 ) -> None:
+        super().__init__()
+        self.name = f"onnxruntime {device}:{device_id} (IO binding)"
         self.session, self.ort, self.device = session, ort, device
+        self.input_shape = input_shape
         self.input_name, self.output_names = input_name, list(output_names)
         self.output_shape = output_shape  # (name, batch) -> full output shape
         self.device_id, self.output_dtype = int(device_id), output_dtype
@@ -363,14 +369,18 @@ class IOBindingRunner:
             self._outputs[batch] = outputs
         return outputs
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+    def _metadata(self) -> list[TensorMeta]:
+        return [TensorMeta(self.input_name, self.input_shape, "float32")]
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = feed[self.input_name]
         value = self.ort.OrtValue.ortvalue_from_numpy(x, self.device, self.device_id)
         self.binding.bind_ortvalue_input(self.input_name, value)
         for name, out in zip(self.output_names, self._device_outputs(len(x)), strict=True):
             self.binding.bind_ortvalue_output(name, out)
         self.session.run_with_iobinding(self.binding)
         self._last_batch = len(x)
-        return list(self.binding.copy_outputs_to_cpu())
+        return dict(zip(self.output_names, self.binding.copy_outputs_to_cpu(), strict=True))
 
     def last_outputs(self) -> dict[str, Any]:
         """The last batch's outputs as the device OrtValues they were computed into (valid

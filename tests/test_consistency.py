@@ -113,8 +113,7 @@ def test_io_binding_run_keeps_the_model_outputs_for_the_physics(fitted: tuple[Pa
                              lambda name, b: output_shape(spec, name, b), device="cpu")
     physics, _ = open_physics(spec, "cpu", None, 0)
     x = np.asarray(scan.amplitudes[:, None], dtype=np.float32)[:40]
-    for start, stop, out in iter_batches(session, spec, len(x), lambda a, b: x[a:b], 32,
-                                         runner):
+    for start, stop, out in iter_batches(runner, spec, len(x), lambda a, b: x[a:b], 32):
         host = physics.predict(out["amplitude"], out["phase"], scan.probe)
         bound = physics.predict_bound(runner.last_outputs(), scan.probe, None, stop - start,
                                       onnxruntime, "cpu", 0)

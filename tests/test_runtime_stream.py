@@ -37,9 +37,11 @@ from runtime.manifest import ArtifactSpec, load_artifact
 from runtime.memory import mem_available_bytes
 from runtime.model_session import make_runner
 from runtime.run import run_scan
+from runtime.runner import OrtRunner
 from runtime.scan import load_scan, validate_scan
 from runtime.scan_stream import memmap_npz_member, open_scan
 from runtime.session import (
+    IOBindingRunner,
     SessionInfo,
     _nvidia_smi_id,
     _provider_list,
@@ -495,10 +497,10 @@ class _Session:
         return [0.5 * x, 0.25 * x]
 
 
-def _collect(session: _Session, spec: ArtifactSpec, x: np.ndarray, batch: int,
-             runner: Any) -> dict[str, np.ndarray]:
+def _collect(spec: ArtifactSpec, x: np.ndarray, batch: int, runner: Any
+             ) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {"amplitude": [], "phase": []}
-    for _, _, out in iter_batches(session, spec, len(x), lambda a, b: x[a:b], batch, runner):
+    for _, _, out in iter_batches(runner, spec, len(x), lambda a, b: x[a:b], batch):
         for name, value in out.items():
             parts[name].append(value)
     return {name: np.concatenate(v) for name, v in parts.items()}
@@ -507,9 +509,9 @@ def _collect(session: _Session, spec: ArtifactSpec, x: np.ndarray, batch: int,
 def test_cuda_session_runs_through_io_binding() -> None:
     spec, session, ort = _spec(), _Session(), _FakeOrt()
     runner = make_runner(session, _info("cuda", device_id=1), spec, ort=ort)
-    assert runner is not None
+    assert isinstance(runner, IOBindingRunner)
     x = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
-    out = _collect(session, spec, x, 4, runner)  # batches of 4, 4, 2
+    out = _collect(spec, x, 4, runner)  # batches of 4, 4, 2
     np.testing.assert_array_equal(out["amplitude"], 0.5 * x)
     np.testing.assert_array_equal(out["phase"], 0.25 * x)
     # One binding; per batch: input to the device, one run, one copy back; no session.run.
@@ -528,7 +530,7 @@ def test_fixed_batch_io_binding_pads_and_trims() -> None:
     spec, session, ort = _spec(batch=4), _Session(), _FakeOrt()
     runner = make_runner(session, _info("cuda"), spec, ort=ort)
     x = np.random.default_rng(1).random((10, 1, 8, 8), dtype=np.float32)
-    out = _collect(session, spec, x, 4, runner)
+    out = _collect(spec, x, 4, runner)
     np.testing.assert_array_equal(out["amplitude"], 0.5 * x)
     assert {e[1] for e in ort.log} == {(4, 1, 8, 8)}  # the padded last batch too
     assert sum(e[0] == "alloc" for e in ort.log) == 2
@@ -536,9 +538,10 @@ def test_fixed_batch_io_binding_pads_and_trims() -> None:
 
 def test_cpu_session_keeps_plain_run() -> None:
     spec, session = _spec(), _Session()
-    assert make_runner(session, _info("cpu"), spec, ort=_FakeOrt()) is None
+    runner = make_runner(session, _info("cpu"), spec, ort=_FakeOrt())
+    assert isinstance(runner, OrtRunner) and not isinstance(runner, IOBindingRunner)
     x = np.random.default_rng(2).random((10, 1, 8, 8), dtype=np.float32)
-    out = _collect(session, spec, x, 4, None)
+    out = _collect(spec, x, 4, runner)
     np.testing.assert_array_equal(out["phase"], 0.25 * x)
     assert session.log == ["run"] * 3
 
@@ -549,14 +552,13 @@ def test_io_binding_calls_against_real_onnxruntime(toy_artifacts: dict[str, Path
     import onnxruntime
 
     from runtime.batching import output_shape
-    from runtime.session import IOBindingRunner
 
     spec = load_artifact(toy_artifacts["g1"])
     session, _ = create_session(spec.model_path, "cpu")
     runner = IOBindingRunner(session, onnxruntime, spec.input_name, spec.output_names,
                              lambda name, b: output_shape(spec, name, b), device="cpu")
     x = np.random.default_rng(3).random((7, 1, N, N), dtype=np.float32)
-    out = _collect(session, spec, x, 3, runner)
+    out = _collect(spec, x, 3, runner)
     np.testing.assert_array_equal(out["amplitude"], 0.5 * x)
     np.testing.assert_array_equal(out["phase"], 0.25 * x)
     assert sorted(runner._outputs) == [1, 3]
