@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -261,17 +261,122 @@ def export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
         return _export_module(reference, linted, golden, outdir, options, **kwargs)
 
 
+@dataclass
+class Frozen:
+    """What the freeze stage made: per format its audit facts, the runners the gate
+    compares with eager, and the formats refused (with why)."""
+
+    artifacts: dict[str, dict[str, Any]]
+    candidates: list[Runner]
+    refused: dict[str, str]
+
+
+def _freeze_formats(program: torch.export.ExportedProgram, linted: LintResult,
+                    example_np: np.ndarray, tmp: Path, options: ExportOptions,
+                    metadata: dict[str, str], sample_out: tuple[int, ...],
+                    explain_onnx: Callable[[Exception], str | None] | None,
+                    log: Callable[[str], None]) -> Frozen:
+    """Each asked-for format frozen into ``tmp`` and audited as a file (not as the Python
+    object it came from); the lint's refusals, and an ONNX exporter failure that
+    ``explain_onnx`` explains, refuse that format alone."""
+    b = batch_dim(options)
+    shape, out_shape = [b, *example_np.shape[1:]], [b, *sample_out]
+    output_shapes = [(example_np.shape[0], *sample_out)] * len(OUTPUT_NAMES)
+    example = (torch.from_numpy(example_np),)
+    frozen = Frozen({}, [], dict(linted.refused))
+    for name, why in frozen.refused.items():
+        log(f"refused {name}: {why}")
+    for name in options.formats:
+        if name in linted.refused:
+            continue
+        fmt = FORMATS[name]
+        path = tmp / fmt.filename
+        t0 = time.perf_counter()
+        if name == "onnx":
+            try:
+                save_onnx(program, example, path, options.opset, [INPUT_NAME],
+                          list(OUTPUT_NAMES), metadata)
+            except Exception as err:
+                reason = explain_onnx(err) if explain_onnx is not None else None
+                if reason is None:
+                    raise
+                frozen.refused["onnx"] = reason
+                log(f"refused onnx: {reason}")
+                path.unlink(missing_ok=True)
+                continue
+            facts = audit_onnx(path, {INPUT_NAME: shape}, {o: out_shape for o in OUTPUT_NAMES},
+                               options.opset, options.precision)
+            runner: Runner = OrtRunner("onnxruntime cpu", path)
+        elif name == "torchscript":
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=DeprecationWarning)
+                torch.jit.save(linted.traced, str(path), _extra_files={
+                    "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
+                facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
+                runner = torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES)
+        else:
+            torch.export.save(program, str(path), extra_files={
+                "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
+            facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
+            runner = pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES)
+        frozen.candidates.append(runner)
+        facts["seconds"] = round(time.perf_counter() - t0, 3)
+        frozen.artifacts[name] = {"file": fmt.filename, **facts}
+        log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
+            f"{facts['seconds']:.1f} s), audit passed")
+    if not frozen.candidates:
+        raise ExportLintError("; ".join(f"{k}: {v}" for k, v in frozen.refused.items()))
+    return frozen
+
+
+def _gate_rows(eager: Runner, exact: Runner | None, candidates: list[Runner],
+               cases: dict[str, np.ndarray], options: ExportOptions,
+               tolerances: dict[str, float]
+               ) -> tuple[list[ParityRow], dict[str, np.ndarray]]:
+    """The gate's loop: every case through eager (and fp64, informational) and through
+    every frozen runner, compared per output; with a fixed batch each case goes whole, in
+    chunks of that batch. Returns the rows and eager's golden outputs."""
+    if options.batch is not None:
+        candidates = [FixedBatchRunner(c, options.batch) for c in candidates]
+        eager = FixedBatchRunner(eager, options.batch)
+        exact = FixedBatchRunner(exact, options.batch) if exact is not None else None
+    rows = run_parity(eager, candidates, cases, INPUT_NAME, tolerances, exact)
+    return rows, eager.infer({INPUT_NAME: cases["golden"]})
+
+
+def _refuse(tmp: Path, outdir: Path, rows: list[ParityRow], failures: list[str],
+            tolerances: dict[str, float], options: ExportOptions) -> NoReturn:
+    """A failed gate: its report goes beside the output (a failed re-export never costs
+    the last working deployment), and the export stops with exit 5."""
+    report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
+              "rows": [r.to_dict() for r in rows], "command": options.command,
+              "output": str(outdir)}
+    shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_json(tmp / "parity_failure.json", report)
+    (tmp / "parity_failure.md").write_text(
+        "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) + "\n\n"
+        + parity_table(rows) + "\n\nNext: inspect the failing node with "
+        "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
+    failed = failed_beside(outdir)
+    replace_dir(tmp, failed)
+    kept = (f"the previous export in {outdir} is intact" if outdir.exists()
+            else f"nothing was written to {outdir}")
+    raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {failures[0]}; "
+                      f"{kept}; report in {failed / 'parity_failure.md'}")
+
+
 def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
-                  outdir: str | os.PathLike, options: ExportOptions, *,
-                  metadata: dict[str, str], manifest_fields: dict[str, Any],
-                  exact: Runner | None = None, eager: Runner | None = None,
-                  program: torch.export.ExportedProgram | None = None,
-                  output_sample_shape: tuple[int, ...] | None = None,
-                  extra: PhysicsHook | None = None, log=None,  # noqa: ANN001
-                  started: float | None = None,
-                  extra_files: dict[str, bytes] | None = None,
-                  explain_onnx: Callable[[Exception], str | None] | None = None,
-                  extra_cases: dict[str, np.ndarray] | None = None) -> ExportResult:
+                   outdir: str | os.PathLike, options: ExportOptions, *,
+                   metadata: dict[str, str], manifest_fields: dict[str, Any],
+                   exact: Runner | None = None, eager: Runner | None = None,
+                   program: torch.export.ExportedProgram | None = None,
+                   output_sample_shape: tuple[int, ...] | None = None,
+                   extra: PhysicsHook | None = None, log=None,  # noqa: ANN001
+                   started: float | None = None,
+                   extra_files: dict[str, bytes] | None = None,
+                   explain_onnx: Callable[[Exception], str | None] | None = None,
+                   extra_cases: dict[str, np.ndarray] | None = None) -> ExportResult:
     """freeze -> audit -> parity gate -> manifest for any linted float32 module with one
     input (`INPUT_NAME`) and the outputs `OUTPUT_NAMES`, written atomically to `outdir`.
 
@@ -288,115 +393,36 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
     log = log or (lambda message: None)
     started = time.perf_counter() if started is None else started
     outdir = Path(outdir)
-    program = linted.exported if program is None else program
-    dynamic = options.batch is None
-    b = batch_dim(options)
     tolerances = DEFAULT_TOLERANCES[options.precision] | options.tolerances
     looser = loosened(options.tolerances, DEFAULT_TOLERANCES[options.precision])
     for key, facts in looser.items():
         log(f"warning: tolerance {key} loosened to {facts['limit']:g} (default "
             f"{facts['default']:g}); recorded in the manifest")
     golden = np.asarray(golden, dtype=np.float32)
-    example_np = _example_batch(golden, options.batch)
-    example = (torch.from_numpy(example_np),)
-    shape = [b, *golden.shape[1:]]
     sample_out = tuple(golden.shape[1:]) if output_sample_shape is None else output_sample_shape
-    out_shape = [b, *sample_out]
     options.check_output(outdir)
     try:
         tmp = temp_dir_beside(outdir)
     except OSError as err:  # the error names the folder the user asked for
         raise naming(err, outdir) from err
     try:
-        artifacts: dict[str, dict[str, Any]] = {}
-        candidates = []
-        output_shapes = [(example_np.shape[0], *sample_out)] * len(OUTPUT_NAMES)
-        refused = dict(linted.refused)
-        for name, why in refused.items():
-            log(f"refused {name}: {why}")
-        for name in options.formats:
-            if name in linted.refused:
-                continue
-            fmt = FORMATS[name]
-            path = tmp / fmt.filename
-            t0 = time.perf_counter()
-            if name == "onnx":
-                try:
-                    save_onnx(program, example, path, options.opset, [INPUT_NAME],
-                              list(OUTPUT_NAMES), metadata)
-                except Exception as err:
-                    reason = explain_onnx(err) if explain_onnx is not None else None
-                    if reason is None:
-                        raise
-                    refused["onnx"] = reason
-                    log(f"refused onnx: {reason}")
-                    path.unlink(missing_ok=True)
-                    continue
-                facts = audit_onnx(path, {INPUT_NAME: shape},
-                                   {o: out_shape for o in OUTPUT_NAMES}, options.opset,
-                                   options.precision)
-                candidates.append(OrtRunner("onnxruntime cpu", path))
-            elif name == "torchscript":
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", category=DeprecationWarning)
-                    torch.jit.save(linted.traced, str(path), _extra_files={
-                        "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
-                    facts = audit_torch_file(path, "torchscript", (example_np,), output_shapes)
-                    candidates.append(torchscript_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
-            else:
-                torch.export.save(program, str(path), extra_files={
-                    "ptycho_export.json": json.dumps(metadata, sort_keys=True)})
-                facts = audit_torch_file(path, "pt2", (example_np,), output_shapes)
-                candidates.append(pt2_runner(path, (INPUT_NAME,), OUTPUT_NAMES))
-            facts["seconds"] = round(time.perf_counter() - t0, 3)
-            artifacts[name] = {"file": fmt.filename, **facts}
-            log(f"froze {name}: {fmt.filename} ({path.stat().st_size / 1e6:.2f} MB, "
-                f"{facts['seconds']:.1f} s), audit passed")
-        if not candidates:
-            raise ExportLintError("; ".join(f"{k}: {v}" for k, v in refused.items()))
-
+        frozen = _freeze_formats(linted.exported if program is None else program, linted,
+                                 _example_batch(golden, options.batch), tmp, options,
+                                 metadata, sample_out, explain_onnx, log)
         cases = parity_cases(golden, n_random=8, seed=0) | (extra_cases or {})
-        if eager is None:
-            eager = eager_runner(reference, (INPUT_NAME,), OUTPUT_NAMES)
-        if not dynamic:  # every case whole, in chunks of the batch the artifact will see
-            candidates = [FixedBatchRunner(c, options.batch) for c in candidates]
-            eager = FixedBatchRunner(eager, options.batch)
-            exact = FixedBatchRunner(exact, options.batch) if exact is not None else None
-        rows = run_parity(eager, candidates, cases, INPUT_NAME, tolerances, exact)
-        golden_in = cases["golden"]
-        golden_out = eager.infer({INPUT_NAME: golden_in})
-
+        eager = eager or eager_runner(reference, (INPUT_NAME,), OUTPUT_NAMES)
+        rows, golden_out = _gate_rows(eager, exact, frozen.candidates, cases, options,
+                                      tolerances)
         if extra is not None:
             key, extra_facts, extra_rows = extra(tmp, golden_out, metadata)
             rows += extra_rows
-            artifacts[key] = extra_facts
-
+            frozen.artifacts[key] = extra_facts
         failures = _gate(rows)
-        table = parity_table(rows)
         if failures:
-            # The report goes beside the output: a failed re-export never costs the last
-            # working deployment.
-            report = {"status": "FAIL", "failures": failures, "tolerances": tolerances,
-                      "rows": [r.to_dict() for r in rows], "command": options.command,
-                      "output": str(outdir)}
-            shutil.rmtree(tmp)
-            tmp.mkdir()
-            write_json(tmp / "parity_failure.json", report)
-            (tmp / "parity_failure.md").write_text(
-                "# Export parity FAILED\n\n" + "\n".join(f"- {f}" for f in failures) +
-                "\n\n" + table + "\n\nNext: inspect the failing node with "
-                "torch.onnx.verification.verify_onnx_program(..., compare_intermediates=True)\n")
-            failed = failed_beside(outdir)
-            replace_dir(tmp, failed)
-            worst = failures[0]
-            kept = (f"the previous export in {outdir} is intact" if outdir.exists()
-                    else f"nothing was written to {outdir}")
-            raise ParityError(f"parity gate failed ({len(failures)} check(s)); worst: {worst}; "
-                              f"{kept}; report in {failed / 'parity_failure.md'}")
-
-        np.savez(tmp / "golden.npz", **{INPUT_NAME: golden_in},
+            _refuse(tmp, outdir, rows, failures, tolerances, options)
+        np.savez(tmp / "golden.npz", **{INPUT_NAME: cases["golden"]},
                  **{k: v.astype(np.float32) for k, v in golden_out.items()})
-        (tmp / "parity.md").write_text(table + "\n")
+        (tmp / "parity.md").write_text(parity_table(rows) + "\n")
         for name, blob in (extra_files or {}).items():
             (tmp / name).write_bytes(blob)
         manifest = {
@@ -406,8 +432,8 @@ def _export_module(reference: nn.Module, linted: LintResult, golden: np.ndarray,
             "versions": versions(),
             "precision": options.precision,
             **manifest_fields,
-            "artifacts": artifacts,
-            "lint": {**linted.record(), "refused_formats": refused},
+            "artifacts": frozen.artifacts,
+            "lint": {**linted.record(), "refused_formats": frozen.refused},
             "golden": {"file": "golden.npz", "input": INPUT_NAME,
                        "outputs": list(OUTPUT_NAMES)},
             "tolerances": tolerances,
