@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import run_guarded
-from runtime.errors import DataError, ParityError, RunUsageError
+from runtime.errors import DataError, ParityError, ResidualTooHigh, RunUsageError
 from runtime.inputs import InputOptions
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -192,10 +192,14 @@ def _run_several(artifact: Path, files: list[Path], output: Path | None,
     for row in summary_rows(outcomes):
         table.add_row(*row)
     Console().print(table)
-    failed = [o for o in outcomes if o.status != "ok"]
+    failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         raise DataError(f"{len(failed)} of {len(outcomes)} scans failed; first: "
                         f"{Path(failed[0].data).name}: {failed[0].error}")
+    above = [o for o in outcomes if o.status == "residual"]
+    if above:  # every scan written; exit 6 as for one scan
+        raise ResidualTooHigh(f"{len(above)} of {len(outcomes)} scans above --max-residual "
+                              f"(written all the same); first: {above[0].error}")
 
 
 def _echo_run(report: dict[str, Any], outdir: Path) -> None:

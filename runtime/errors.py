@@ -47,6 +47,17 @@ class RunUsageError(PtychoError):
     exit_code = EXIT_USAGE
 
 
+class ResidualTooHigh(PtychoError):
+    """--max-residual: the scan's data-consistency residual is above the pipeline's limit
+    (the outputs were written; exit 6 lets a pipeline stop there)."""
+
+    exit_code = EXIT_RESIDUAL
+
+    def __init__(self, message: str, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}  # the written run's report (the many-scan summary)
+
+
 class ParityError(PtychoError):
     """A frozen artifact disagrees with the eager model beyond tolerance."""
 

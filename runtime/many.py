@@ -5,7 +5,9 @@ Without a scheduler the scans run one after another in this process. With
 `--scheduler dask://HOST:PORT` (an existing Dask distributed scheduler) each scan is one
 task: every worker builds one onnxruntime session per artifact and reuses it for every
 scan it receives; each scan's outputs are written atomically by the worker that ran it; a
-failed scan is retried, then reported with its reason, never lost.
+failed scan is retried, then reported with its reason, never lost. A scan above
+`--max-residual` is not a failure to retry: its outputs are written, and it is reported
+as "residual" with its figures.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import PtychoError
+from runtime.errors import PtychoError, ResidualTooHigh
 
 # One session cache per process: on a Dask worker, the tasks it runs share it.
 _WORKER_SESSIONS: dict[tuple, tuple[Any, Any, dict]] = {}
@@ -32,7 +34,7 @@ class SchedulerError(PtychoError):
 class ScanOutcome:
     data: str
     outdir: str
-    status: str  # "ok" | "failed"
+    status: str  # "ok" | "residual" (written, above --max-residual) | "failed"
     patterns: int = 0
     patterns_per_s: float | None = None
     seconds: float | None = None
@@ -62,16 +64,20 @@ def run_one(artifact: str, data: str, outdir: str, options: dict[str, Any]) -> d
     scheduler can retry it."""
     from runtime.run import run_scan
 
-    report = run_scan(artifact, data, outdir, progress=False, session_cache=_WORKER_SESSIONS,
-                      **options)
-    return report
+    try:
+        return run_scan(artifact, data, outdir, progress=False, session_cache=_WORKER_SESSIONS,
+                        **options)
+    except ResidualTooHigh as err:  # written, and the same again on a retry
+        return {**err.report, "residual_too_high": str(err)}
 
 
 def _outcome(data: Path, outdir: Path, report: dict[str, Any] | None, error: str = "",
              attempts: int = 1) -> ScanOutcome:
     if report is None:
         return ScanOutcome(str(data), str(outdir), "failed", error=error, attempts=attempts)
-    return ScanOutcome(str(data), str(outdir), "ok", patterns=int(report.get("patterns", 0)),
+    above = report.get("residual_too_high", "")
+    return ScanOutcome(str(data), str(outdir), "residual" if above else "ok", error=above,
+                       patterns=int(report.get("patterns", 0)),
                        patterns_per_s=report.get("patterns_per_s"),
                        seconds=report.get("seconds", {}).get("total"), attempts=attempts,
                        report=report)
@@ -180,5 +186,6 @@ def summary_rows(outcomes: list[ScanOutcome]) -> list[tuple[str, ...]]:
     return [(Path(o.data).name, o.status, str(o.patterns or ""),
              f"{o.patterns_per_s:,.0f}" if o.patterns_per_s else "",
              f"{o.seconds:.2f}" if o.seconds else "", *consistency_cells(o.report),
-             o.error or o.outdir)
+             f"{o.outdir} (above --max-residual)" if o.status == "residual"
+             else o.error or o.outdir)
             for o in outcomes]

@@ -49,9 +49,9 @@ from runtime.batching import (
 from runtime.consistency import ConsistencyAccumulator
 from runtime.consistency_figure import save_consistency_png
 from runtime.errors import (
-    EXIT_RESIDUAL,
     DataError,
     PtychoError,
+    ResidualTooHigh,
     RunUsageError,
     naming,
 )
@@ -203,13 +203,6 @@ def quality_report(stitched: StitchedObject, well_lit: np.ndarray,
     except PtychoError as err:
         return {"ground_truth": True, "error": str(err)}
     return ground_truth_report(stitched.obj, cropped, well_lit, WELL_LIT_RULE)
-
-
-class ResidualTooHigh(PtychoError):
-    """--max-residual: the scan's data-consistency residual is above the pipeline's limit
-    (the outputs were written; exit 6 lets a pipeline stop there)."""
-
-    exit_code = EXIT_RESIDUAL
 
 
 # --------------------------------------------------------------------------- stitching
@@ -638,7 +631,8 @@ def check_residual(plan: RunPlan, report: dict[str, Any]) -> None:
     if limit is not None and median is not None and not median <= limit:
         raise ResidualTooHigh(f"{plan.data_path}: median R-factor {median:.3f} is above "
                               f"--max-residual {limit:g}; the reconstruction in "
-                              f"{plan.outdir} was written, but does not fit its measurements")
+                              f"{plan.outdir} was written, but does not fit its measurements",
+                              report)
 
 
 # --------------------------------------------------------------------------- the run

@@ -194,8 +194,21 @@ def test_training_reference_flags_an_out_of_distribution_scan(fitted: tuple[Path
 
     outcomes = run_many(art, [scan, wide], tmp_path / "night",
                         {"provider": "cpu", "max_residual": 0.25}, log=lambda line: None)
-    assert [o.status for o in outcomes] == ["ok", "failed"]
+    assert [o.status for o in outcomes] == ["ok", "residual"]
     assert "above --max-residual 0.25" in outcomes[1].error and outcomes[1].attempts == 1
+    assert outcomes[1].report["consistency"]["r_factor"]["median"] > 0.25  # its figures
+    assert (tmp_path / "night" / "wide_recon" / "report.json").is_file()
+    # ptycho-run with several scans: every scan written, exit 6 as for one scan
+    from typer.testing import CliRunner
+
+    from cli.run import app
+
+    result = CliRunner().invoke(app, [str(art), str(scan), str(wide), "-o",
+                                      str(tmp_path / "cli"), "--provider", "cpu",
+                                      "--max-residual", "0.25"])
+    assert result.exit_code == 6, result.output
+    assert "1 of 2 scans above --max-residual" in result.output
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["scan_recon", "wide_recon"]
 
 
 def test_max_residual_needs_the_physics_graph(trained_bundle: Path, tmp_path: Path) -> None:
