@@ -9,10 +9,12 @@ these runners by kind through the `ptycho_export.runners` entry points (pyprojec
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,16 +93,40 @@ def eager_runner(module: nn.Module, input_names, output_names, *, dtype=torch.fl
     return TorchRunner(label, clone, tuple(input_names), tuple(output_names), device, dtype)
 
 
+def load_torchscript(path: str | os.PathLike[str], device: str = "cpu",
+                     extra_files: dict[str, Any] | None = None) -> torch.jit.ScriptModule:
+    """The one loader of a model.ts: ``torch.jit.load`` onto ``device``, in eval mode
+    (TorchScript's deprecation warning silenced); ``extra_files`` as torch fills it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        extra = {} if extra_files is None else {"_extra_files": extra_files}
+        return torch.jit.load(str(path), map_location=device, **extra).eval()
+
+
+def load_pt2(path: str | os.PathLike[str], device: str = "cpu",
+             extra_files: dict[str, Any] | None = None) -> nn.Module:
+    """The one loader of a model.pt2: ``torch.export.load``, moved to ``device`` by
+    ``move_to_device_pass`` (which also rewrites the program's device constants, which a
+    plain ``.to(device)`` of its module would miss), as a callable module."""
+    extra = {} if extra_files is None else {"extra_files": extra_files}
+    program = torch.export.load(str(path), **extra)
+    if torch.device(device).type != "cpu":
+        from torch.export.passes import move_to_device_pass
+
+        program = move_to_device_pass(program, device)
+    return program.module()
+
+
 def torchscript_runner(path: Path, input_names, output_names, device: str = "cpu"  # noqa: ANN001
                        ) -> TorchRunner:
-    module = torch.jit.load(str(path), map_location=device)
-    return TorchRunner(f"torchscript {device}", module, tuple(input_names), tuple(output_names),
-                       device)
+    return TorchRunner(f"torchscript {device}", load_torchscript(path, device),
+                       tuple(input_names), tuple(output_names), device)
 
 
-def pt2_runner(path: Path, input_names, output_names) -> TorchRunner:  # noqa: ANN001
-    program = torch.export.load(str(path))
-    return TorchRunner("pt2 cpu", program.module(), tuple(input_names), tuple(output_names))
+def pt2_runner(path: Path, input_names, output_names, device: str = "cpu"  # noqa: ANN001
+               ) -> TorchRunner:
+    return TorchRunner(f"pt2 {device}", load_pt2(path, device), tuple(input_names),
+                       tuple(output_names), device)
 
 
 def parity_cases(golden: np.ndarray, n_random: int = 8, seed: int = 0
@@ -175,16 +201,3 @@ def parity_table(rows: list[ParityRow]) -> str:
                          f"{s.nan_count}/{s.inf_count} | {status} |")
     return "\n".join(lines)
 
-
-# ---------------------------------------------------------------- runners on other devices
-def pt2_runner_on(path: Path, input_names, output_names, device: str = "cpu"  # noqa: ANN001
-                  ) -> TorchRunner:
-    """A .pt2 program on `device`: `torch.export.passes.move_to_device_pass` rewrites the
-    program's device constants too, which a plain `.to(device)` of its module would miss."""
-    program = torch.export.load(str(path))
-    if torch.device(device).type != "cpu":
-        from torch.export.passes import move_to_device_pass
-
-        program = move_to_device_pass(program, device)
-    return TorchRunner(f"pt2 {device}", program.module(), tuple(input_names),
-                       tuple(output_names), device)

@@ -30,6 +30,7 @@ import numpy as np
 
 from runtime.compare import DEFAULT_TOLERANCES, OutputStats, compare_outputs, tolerance_failures
 from runtime.errors import ArtifactError, DataError, EnvironmentProblem, PtychoError
+from runtime.manifest import MODEL_FORMATS as RUNNABLE_FORMATS
 from runtime.metrics import align_to_reference, reconstruction_errors
 from runtime.runner import fill_batch
 from runtime.scan import ScanData
@@ -43,7 +44,7 @@ DEFAULT_BATCH = 256
 OBJECT_TOLERANCE_KEY = "object_complex_rel_max"
 DEFAULT_OBJECT_TOLERANCES: dict[str, float] = {"fp32": 1e-5}
 # Artifact formats that map diffraction -> (amplitude, phase); others are listed, not run.
-MODEL_FORMATS = ("onnx", "torchscript", "pt2")
+MODEL_FORMATS = tuple(RUNNABLE_FORMATS)
 REFERENCE = "eager fp32 cpu"
 EXACT = "eager fp64 cpu"
 KIND_TITLES = {
@@ -294,7 +295,7 @@ def build_runner(variant: Variant, wrapper: Any, files: dict[str, Path]) -> Any:
     """A runner (runtime.runner protocol) for one variant (CUDA onnxruntime through the runtime's
     `create_session`, which refuses a silent CPU fallback and keeps TF32 off)."""
     from ptycho_export.export.wrapper import INPUT_NAME, OUTPUT_NAMES
-    from ptycho_export.parity import eager_runner, pt2_runner_on, torchscript_runner
+    from ptycho_export.parity import eager_runner, pt2_runner, torchscript_runner
     from runtime.runner import OrtRunner
 
     label = variant.label
@@ -313,7 +314,7 @@ def build_runner(variant: Variant, wrapper: Any, files: dict[str, Path]) -> Any:
                 runner = torchscript_runner(files["torchscript"], (INPUT_NAME,), OUTPUT_NAMES,
                                             variant.device)
             else:
-                runner = pt2_runner_on(files["pt2"], (INPUT_NAME,), OUTPUT_NAMES,
+                runner = pt2_runner(files["pt2"], (INPUT_NAME,), OUTPUT_NAMES,
                                        variant.device)
     runner.name = label
     return runner

@@ -125,13 +125,14 @@ def create_torchscript_session(model_path: str | os.PathLike[str], input_name: s
     ptycho-export embedded in it (for the provenance check). ``threads`` sets torch's
     intra-op threads for this process (torch.set_num_threads is process-wide)."""
     torch, device = _prepare(provider, threads, device_id)
+    from ptycho_export.parity import load_torchscript
+
     extra = {METADATA_FILE: ""}
     try:
-        module = torch.jit.load(str(model_path), map_location=device, _extra_files=extra)
+        module = load_torchscript(model_path, device, extra)
     except Exception as err:  # torch raises RuntimeError / ValueError / pickle errors
         line = " ".join(str(err).split())[:300]
         raise ArtifactError(f"{model_path}: torch.jit.load cannot load it: {line}") from err
-    module.eval()
     return _session(torch, module, "torchscript", provider, device, threads, device_id,
                     input_name, output_names, extra.get(METADATA_FILE))
 
@@ -144,17 +145,15 @@ def create_pt2_session(model_path: str | os.PathLike[str], input_name: str,
     ``move_to_device_pass``, which also rewrites the device constants a plain ``.to``
     would miss), with the embedded metadata for the provenance check."""
     torch, device = _prepare(provider, threads, device_id)
+    from ptycho_export.parity import load_pt2
+
     extra = {METADATA_FILE: ""}
     try:
-        program = torch.export.load(str(model_path), extra_files=extra)
-        if device != "cpu":
-            from torch.export.passes import move_to_device_pass
-
-            program = move_to_device_pass(program, device)
+        module = load_pt2(model_path, device, extra)
     except Exception as err:  # torch raises RuntimeError / ValueError / zip errors
         line = " ".join(str(err).split())[:300]
         raise ArtifactError(f"{model_path}: torch.export.load cannot load it: {line}") from err
-    return _session(torch, program.module(), "pt2", provider, device, threads, device_id,
+    return _session(torch, module, "pt2", provider, device, threads, device_id,
                     input_name, output_names, extra.get(METADATA_FILE))
 
 

@@ -46,8 +46,6 @@ DEFAULT_WIDTHS = (64, 128, 256)
 def resolve_batch(spec: ArtifactSpec, batch_size: int | None) -> int | None:
     """Batch size to feed: a fixed-batch artifact only takes its own size; None means
     "dynamic artifact, none given": :func:`auto_batch` chooses once the provider is known."""
-    if batch_size is not None and batch_size < 1:
-        raise RunUsageError(f"--batch-size must be >= 1, got {batch_size}")
     if spec.batch is None:
         return batch_size
     if batch_size is not None and batch_size != spec.batch:

@@ -181,12 +181,10 @@ def bench_stitch_stream(count: int, n: int, batch: int, seed: int,
 def bench_stitch(count: int, n: int, seed: int, repeats: int = 3) -> dict[str, Any]:
     """stitch_patches on `count` random complex64 N x N patches on a jittered raster.
 
-    Integer placement (the default path) is timed ``repeats`` times; when the stitcher has
-    sub-pixel modes, each is timed once on the same patches at fractional positions.
+    Integer placement (the default path) is timed ``repeats`` times, each sub-pixel mode
+    once on the same patches at fractional positions.
     """
-    import inspect
-
-    from runtime.stitch import stitch_patches
+    from runtime.stitch import SUBPIXEL_METHODS, stitch_patches
 
     step = max(n // 5, 1)
     fractional = raster(count, n, seed, whole_pixels=False)
@@ -205,13 +203,9 @@ def bench_stitch(count: int, n: int, seed: int, repeats: int = 3) -> dict[str, A
                 "patches_per_s": round(count / median, 1), "canvas": list(stitched.obj.shape)}
 
     modes["integer"] = timed(np.rint(fractional), repeats)
-    params = inspect.signature(stitch_patches).parameters
-    if "subpixel" in params:
-        from runtime import stitch as stitch_module
-
-        for mode in getattr(stitch_module, "SUBPIXEL_METHODS", ()):
-            if mode != "none":
-                modes[f"subpixel {mode}"] = timed(fractional, 1, subpixel=mode)
+    for mode in SUBPIXEL_METHODS:
+        if mode != "none":
+            modes[f"subpixel {mode}"] = timed(fractional, 1, subpixel=mode)
     main = modes["integer"]
     return {"patches": count, "patch_size": n, "step_px": step, "weights": "gaussian",
             "input_mb": round(count * n * n * 8 / 2**20, 1), **main, "modes": modes}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -47,6 +46,8 @@ def peak_rss_mb() -> float:
     value = _status_mb("VmHWM")
     if value is not None:
         return value
+    import resource  # POSIX only: imported here, so the runtime still imports elsewhere
+
     # ru_maxrss is KiB on Linux, bytes on macOS
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
         2**20 if sys.platform == "darwin" else 1024)

@@ -19,7 +19,7 @@ import numpy as np
 from runtime.batching import iter_batches, output_shape
 from runtime.compare import compare_outputs, tolerance_failures
 from runtime.errors import ArtifactError, EnvironmentProblem, ParityError, RunUsageError
-from runtime.manifest import ArtifactSpec, check_provenance, load_artifact
+from runtime.manifest import MODEL_FORMATS, ArtifactSpec, check_provenance, load_artifact
 from runtime.runner import OrtRunner, Runner, TensorMeta, runner_factory
 from runtime.session import (
     IOBindingRunner,
@@ -104,7 +104,7 @@ def self_check_artifact(artifact: str | os.PathLike[str], provider: str = "auto"
     return {"artifact": artifact_facts(spec), "provider": info.to_dict(), "self_check": result}
 
 
-MODEL_FORMAT_CHOICES = ("onnx", "torchscript", "pt2")
+MODEL_FORMAT_CHOICES = tuple(MODEL_FORMATS)  # the model files an artifact can hold
 TORCH_FORMATS = ("torchscript", "pt2")  # run by the torch side's "<format>_session" runners
 
 

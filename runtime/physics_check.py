@@ -14,6 +14,7 @@ import numpy as np
 
 from runtime.consistency import ConsistencyAccumulator, probe_difference
 from runtime.manifest import ArtifactSpec, load_artifact, verify_file
+from runtime.runner import fill_batch
 from runtime.session import create_session
 
 
@@ -138,10 +139,9 @@ class PhysicsSession:
         """(B, 1, N, N) predicted amplitudes of each group's anchor pattern."""
         real = len(amplitude)
         if self.batch is not None and real < self.batch:  # a fixed batch: pad, then drop
-            amplitude = np.resize(amplitude, (self.batch, *amplitude.shape[1:]))
-            phase = np.resize(phase, (self.batch, *phase.shape[1:]))
+            amplitude, phase = fill_batch(amplitude, self.batch), fill_batch(phase, self.batch)
             if offsets is not None:
-                offsets = np.resize(offsets, (self.batch, *offsets.shape[1:]))
+                offsets = fill_batch(offsets, self.batch)
         feed = {self.inputs[0]: np.ascontiguousarray(amplitude, dtype=np.float32),
                 self.inputs[1]: np.ascontiguousarray(phase, dtype=np.float32),
                 **self._side(len(amplitude), probe, offsets)}
@@ -159,8 +159,8 @@ class PhysicsSession:
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(self.inputs[0], amplitude)
         binding.bind_ortvalue_input(self.inputs[1], model_outputs["phase"])
-        if offsets is not None and len(offsets) < b:
-            offsets = np.resize(offsets, (b, *offsets.shape[1:]))
+        if offsets is not None:
+            offsets = fill_batch(offsets, b)
         side = self._side(b, probe, offsets)
         cached = self.device_probe.get(b)
         if cached is None or cached[0] is not probe:

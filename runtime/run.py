@@ -123,7 +123,6 @@ def check_scan(scan: ScanData, spec: ArtifactSpec, data_path: Path) -> None:
                         f"{spec.gridsize} groups {spec.channels} neighbours per sample")
 
 
-
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 

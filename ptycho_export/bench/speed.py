@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -655,19 +654,19 @@ def bench_ort_sweep(model_path: Path, x: np.ndarray, cores: int, warmup: int, re
 def cpu_runners(net: Any, artifacts: Path, best: OrtSetting) -> list[TimedRunner]:
     import torch
 
+    from ptycho_export.parity import load_pt2, load_torchscript
+
     runners = [torch_runner(BASELINE, "eager", net)]
     cl = copy.deepcopy(net).to(memory_format=torch.channels_last).eval()
     runners.append(torch_runner("eager channels_last", "eager", cl, channels_last=True))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        t0 = time.perf_counter()
-        scripted = torch.jit.load(str(artifacts / "model.ts"), map_location="cpu").eval()
-        setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scripted = load_torchscript(artifacts / "model.ts")
+    setup = time.perf_counter() - t0
     runners.append(torch_runner("torchscript", "torchscript", scripted,
                                 options={"file": "model.ts (trace)"}))
     runners[-1].setup_s = setup
     t0 = time.perf_counter()
-    program = torch.export.load(str(artifacts / "model.pt2")).module()
+    program = load_pt2(artifacts / "model.pt2")
     runners.append(torch_runner("pt2", "pt2", program,
                                 options={"file": "model.pt2 (torch.export.load().module())"}))
     runners[-1].setup_s = time.perf_counter() - t0
@@ -678,6 +677,8 @@ def cpu_runners(net: Any, artifacts: Path, best: OrtSetting) -> list[TimedRunner
 def gpu_section(net: Any, artifacts: Path, inputs: np.ndarray, config: BenchConfig,
                 flops: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
+
+    from ptycho_export.parity import load_torchscript
 
     if not config.gpu:
         return {"status": "skipped", "reason": "--no-gpu"}
@@ -692,9 +693,7 @@ def gpu_section(net: Any, artifacts: Path, inputs: np.ndarray, config: BenchConf
     try:
         net_gpu = copy.deepcopy(net).to("cuda").eval()
         net_cl = copy.deepcopy(net).to("cuda", memory_format=torch.channels_last).eval()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            scripted = torch.jit.load(str(artifacts / "model.ts"), map_location="cuda").eval()
+        scripted = load_torchscript(artifacts / "model.ts", "cuda")
         runners: list[TimedRunner] = []
         from runtime.session import available_providers
 

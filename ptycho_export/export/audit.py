@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ptycho_export.parity import load_pt2, load_torchscript
 from runtime.errors import ArtifactError
 
 ONNX_FLOAT = 1  # onnx.TensorProto.FLOAT
@@ -88,10 +89,8 @@ def audit_torch_file(path: Path, loader: str, examples: tuple[np.ndarray, ...],
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and loader == "torchscript"
                          else [])
     for device in devices:
-        if loader == "torchscript":
-            module = torch.jit.load(str(path), map_location=device)
-        else:
-            module = torch.export.load(str(path)).module()
+        module = (load_torchscript(path, device) if loader == "torchscript"
+                  else load_pt2(path))
         args = [torch.from_numpy(e).to(device) for e in examples]
         with torch.inference_mode():
             _check_outputs(path, module(*args), device, shapes)
