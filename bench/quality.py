@@ -62,6 +62,7 @@ def run_case(work: Path, spec: ScanSpec, preset: str, gridsize: int,
         "steps": result.steps, "plan": result.plan_how,
         "fit": result.quality.get("fit"),
         "budget_min": max_minutes,
+        "guide": options.guide, "batch_size": options.batch_size,
         # the training-only object solve, scored the same way: the network's ceiling
         "object_solve": result.quality.get("object_solve"),
         "quality": _figures(seen["quality"], with_curve=True),
@@ -126,7 +127,7 @@ def markdown(results: dict[str, Any]) -> str:
         solve_cell = " / ".join(_cell(solve.get(k)) for k in
                                 ("amplitude_ssim", "amplitude_corr", "phase_corr"))
         lines.append(
-            f"| {case['kind']} | {case['photons']:.0e} | {case['gridsize']} | {case['preset']} "
+            f"| {case['kind']} | {case['photons']:.0e} | {case['gridsize']} | {_preset(case)} "
             f"| {case['train_s']:.0f} | {case.get('steps', '–')} | "
             f"{_cell(m['amplitude_ssim'])} | "
             f"{_cell(m['amplitude_psnr_db'], '.1f')} | {_cell(m['amplitude_corr'])} | "
@@ -142,8 +143,13 @@ def markdown(results: dict[str, Any]) -> str:
         for case in warned:
             for text in case["warnings"]:
                 lines.append(f"- {case['kind']} {case['photons']:.0e} gridsize "
-                             f"{case['gridsize']} {case['preset']}: {text}")
+                             f"{case['gridsize']} {_preset(case)}: {text}")
     return "\n".join(lines) + "\n"
+
+
+def _preset(case: dict[str, Any]) -> str:
+    """The preset, and 'no guide' where the case trained on the likelihood alone."""
+    return case["preset"] + (", no guide" if case.get("guide") is False else "")
 
 
 def frc_plot(path: Path, results: dict[str, Any]) -> None:
@@ -222,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defocus-rad", type=float, default=None,
                         help="probe defocus (pupil-edge phase, rad; default "
                              f"{ScanSpec().defocus_rad}: a bright core; 5: a broad disc)")
+    parser.add_argument("--no-guide", action="store_true",
+                        help="train on the likelihood alone (ptycho-train --no-guide): what "
+                             "the object guide is worth, and what the overlap constraint adds "
+                             "without it")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="training batch (default: ptycho-train's own)")
     parser.add_argument("--quick", action="store_true", help="one tiny case, seconds")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
@@ -237,10 +249,14 @@ def main(argv: list[str] | None = None) -> int:
                                    if args.max_minutes else [None])
     if args.defocus_rad is not None:
         base = ScanSpec(defocus_rad=args.defocus_rad)
+    if args.no_guide:
+        extra["guide"] = False
+    if args.batch_size is not None:
+        extra["batch_size"] = args.batch_size
     if args.quick:
         base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
         kinds, doses, gridsizes, presets = ["smooth"], [1e6], [1], ["unet-tiny"]
-        extra = {"steps": 20, "solver_steps": 50}
+        extra = {**extra, "steps": 20, "solver_steps": 50}
     unknown = [k for k in kinds if k not in OBJECT_KINDS]
     if unknown:
         parser.error(f"unknown kinds {unknown}; choose from {OBJECT_KINDS}")

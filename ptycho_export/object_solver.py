@@ -18,6 +18,16 @@ for the Poisson likelihood at a constant rate (the earlier solve). At a constant
 keeps wandering round the minimum; the amplitude misfit is the better conditioned of the
 two (its gradient does not grow with the intensity).
 
+Adam moves every canvas pixel by about its learning rate whatever the size of that pixel's
+gradient, so pixels lit only by the probes' dim tails (the canvas edge, the gaps left by the
+validation patterns, which the solve never sees) random-walk on the noise of their tiny
+gradients, further the longer it runs. The solve therefore steps in u, with the object
+1 + s(r) u(r) and s = c / (c + ILLUMINATION_FLOOR max c) (c: the summed |probe|^2 of the
+patterns solved, s scaled to 1 at its peak): well-lit pixels move as before, dark ones stay
+near 1. On the demo's scan solved from 90 % of its patterns, amplitude corr 0.98 with
+it against 0.88 without (0.70 at 3000 steps); on the quality benchmark's scans, where
+every region is lit, it changes nothing (to 0.01 of SSIM).
+
 Fractional positions are exact: the exit wave P(r) O(r + t) with t = floor(t) + f has the
 same far-field intensity as P(r - f) O(r + floor(t)), so each pattern gets its own probe,
 Fourier-shifted by -f once (the probe is compact, so the circular shift is harmless), and
@@ -64,6 +74,21 @@ def shifted_probes(probe: np.ndarray, frac: np.ndarray) -> np.ndarray:
     return out
 
 
+# Illumination (summed |probe|^2, relative to its peak) below which the solve's step size
+# fades: half the full step at this level.
+ILLUMINATION_FLOOR = 0.05
+
+
+def illumination_step_scale(probes: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                            shape: tuple[int, int]) -> torch.Tensor:
+    """s = c / (c + ILLUMINATION_FLOOR max c), scaled to peak 1: how far the solve may move
+    each canvas pixel, from c, the summed |probe|^2 of the patterns that light it."""
+    cover = torch.zeros(shape).index_put_((rows, cols), probes.abs().square(),
+                                          accumulate=True)
+    scale = cover / (cover + ILLUMINATION_FLOOR * cover.max())
+    return scale / scale.max()
+
+
 def default_solver_steps(n_patterns: int, batch: int = 64) -> int:
     """About 200 passes over a small scan, at least 30 over a large one, 800-4000 steps."""
     return int(np.clip(200 * n_patterns / batch, 800, 4000))
@@ -79,11 +104,12 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
     """Object canvas that best explains ``amplitudes`` (M, n, n; network units, i.e. already
     scaled as the network's physics sees them) under ``probe`` (n, n, scaled likewise).
 
-    Adam on the complex canvas (learning rate in units of the object's amplitude, about 1
-    after the project's normalisation, decayed to 1 % on a cosine), random batches of
-    patterns, least squares on the measured amplitudes. ``final_loss`` is still the mean
-    Poisson NLL, the figure the network's training reports. ``misfit="poisson"`` and
-    ``decay=False`` give the earlier solve, for comparison (bench/solver_ceiling.py).
+    Adam on the complex canvas, stepped through the illumination scale (module docstring;
+    learning rate in units of the object's amplitude, about 1 after the project's
+    normalisation, decayed to 1 % on a cosine), random batches of patterns, least squares
+    on the measured amplitudes. ``final_loss`` is still the mean Poisson NLL, the figure the
+    network's training reports. ``misfit="poisson"`` and ``decay=False`` give the earlier
+    solve, for comparison (bench/solver_ceiling.py).
     """
     if misfit not in MISFITS:
         raise ValueError(f"unknown misfit {misfit!r}; choose one of {MISFITS}")
@@ -101,8 +127,10 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
     axis = torch.arange(n)
     rows = torch.from_numpy(base[:, 0])[:, None, None] + axis[None, :, None]
     cols = torch.from_numpy(base[:, 1])[:, None, None] + axis[None, None, :]
-    obj = torch.ones((height, width), dtype=torch.complex64, requires_grad=True)
-    optimizer = torch.optim.Adam([obj], lr=learning_rate)
+    step_scale = illumination_step_scale(probes, rows, cols, (height, width)).to(torch.complex64)
+    # the object is 1 + step_scale * u: Adam steps u, and dark pixels barely move
+    u = torch.zeros((height, width), dtype=torch.complex64, requires_grad=True)
+    optimizer = torch.optim.Adam([u], lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
     batch = min(batch, m)
     recent: list[float] = []
@@ -111,6 +139,7 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate * cosine_decay(step / max(steps - 1, 1), 0.01)
         idx = torch.randperm(m, generator=generator)[:batch]
+        obj = 1 + step_scale * u
         far = torch.fft.fft2(probes[idx] * obj[rows[idx], cols[idx]], norm="ortho")
         rate = far.real.square() + far.imag.square()
         if misfit == "amplitude":
@@ -125,7 +154,8 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
                 c = counts[idx]
                 nll = rate - c * torch.log(rate + 1e-8) - (c - c * torch.log(c + 1e-8))
                 recent.append(nll.mean().item())
-    return SolvedObject(obj=obj.detach().numpy().astype(np.complex64), corner_px=corner,
+    obj = (1 + step_scale * u).detach()
+    return SolvedObject(obj=obj.numpy().astype(np.complex64), corner_px=corner,
                         final_loss=float(np.mean(recent)) if recent else float("nan"),
                         steps=steps)
 

@@ -38,7 +38,9 @@ from runtime.report_io import write_json
 from runtime.scan import ScanData, load_scan
 
 # Training time the tool plans for when no --epochs/--steps are given (object solve
-# included): what bench/results/quality-*.md shows reaching the targets on 2 CPU cores.
+# included): minutes on a laptop CPU. Quality still rises with time on 2 cores (about
+# +0.1 amplitude SSIM per doubling past 4 minutes, bench/results/quality-*-time.md), so
+# --max-minutes buys more.
 DEFAULT_MAX_MINUTES = 4.0
 
 
