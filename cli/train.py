@@ -53,6 +53,10 @@ def train_command(
                        ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from run_dir/checkpoints/last.ckpt."
                                          )] = False,
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="Start from the learned weights of an earlier bundle (same --preset, "
+        "--gridsize and pattern size) instead of random ones: the model of a previous scan "
+        "fine-tunes to this one far faster. The probe and scales are this scan's.")] = None,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show tracebacks.")] = False,
 ) -> None:
@@ -68,12 +72,13 @@ def train_command(
             batch_size=batch_size, learning_rate=learning_rate, preset=preset,
             gridsize=gridsize, loss=loss, val_fraction=val_fraction, seed=seed,
             accelerator=accelerator, devices=parsed_devices, strategy=strategy,
-            num_nodes=num_nodes, progress=progress, resume=resume, pixel_size_m=pixel_size_m)
+            num_nodes=num_nodes, progress=progress, resume=resume, pixel_size_m=pixel_size_m,
+            init_from=str(init) if init is not None else None)
         result = train(data, output, run_dir, options)
         from runtime.image_quality import summary_line
 
         typer.echo(f"bundle: {result.bundle_path}  ({result.seconds:.0f} s, {result.steps} "
-                   f"steps; {result.plan_how})")
+                   f"steps; {result.plan_how})" + (f", started from {init}" if init else ""))
         typer.echo(f"run folder: {result.run_dir} (loss_curve.png, quality.json, checkpoints/)")
         quality = result.quality
         fit = quality.get("fit", {})

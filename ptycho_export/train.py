@@ -32,6 +32,7 @@ from ptycho_export.model.config import ModelConfig
 from ptycho_export.model.lightning import PtychoModule
 from ptycho_export.normalization import compute_normalization
 from ptycho_export.reconstruct import quality_report, reconstruct_eager, stitch_with_probe
+from ptycho_export.warm_start import apply_warm_start, load_warm_start
 from runtime.atomic import written_atomic
 from runtime.errors import DataError, EnvironmentProblem
 from runtime.report_io import write_json
@@ -71,6 +72,8 @@ class TrainOptions:
     pixel_size_m: float | None = None  # object pixel size, recorded for downstream tools
     progress: bool = True
     resume: bool = False
+    # Warm start: the learned weights of an earlier bundle (ptycho_export.warm_start).
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -452,8 +455,12 @@ def train(
         config = ModelConfig.from_preset(options.preset, scan.patch_size, options.gridsize)
         if options.max_minutes is not None and not options.max_minutes > 0:
             raise ValueError(f"--max-minutes must be > 0, got {options.max_minutes}")
+        if options.init_from and options.resume:
+            raise ValueError("--init and --resume both given: --resume continues this run "
+                             "folder's own checkpoint, --init starts a new run from a bundle")
     except ValueError as err:
         raise UsageError(f"{scan.source or data_path}: {err}") from err
+    warm = load_warm_start(options.init_from, config) if options.init_from else None
     new_run_folder = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
 
@@ -467,6 +474,8 @@ def train(
     module = PtychoModule(config, scan.probe, normalization, options.learning_rate,
                           options.loss, guide=guide,
                           guide_weight=options.guide_weight)
+    if warm is not None:
+        apply_warm_start(module.net, warm)
     plan = plan_training(options, module, datamodule,
                          guide_record["seconds"] if guide_record else 0.0)
     history = LossHistory()
@@ -513,6 +522,7 @@ def train(
             | {"epochs_run": trainer.current_epoch, "steps_run": trainer.global_step,
                "plan": {k: (str(v) if k == "max_time" else v) for k, v in plan.items()},
                "guide": guide_record, "history": history.rows,
+               "init_from": warm.record() if warm is not None else None,
                "consistency_reference": reference},
             data={"source": Path(scan.source).name if scan.source else "<memory>",
                   "sha256": sha256_file(data_path) if data_path else None,

@@ -29,3 +29,19 @@ def test_quick_quality_bench_writes_table_json_and_frc_plot(tmp_path):
     table = (tmp_path / "quality-t.md").read_text()
     assert "| smooth | 1e+06 | 1 | unet-tiny |" in table
     assert (tmp_path / "quality-t-frc.png").stat().st_size > 1000
+
+
+def test_quick_warm_start_bench_writes_warm_cold_and_untrained_rows(tmp_path):
+    from bench.warm_start import main
+
+    assert main(["--quick", "-o", str(tmp_path), "--machine", "t"]) == 0
+    results = json.loads((tmp_path / "warm-start-t.json").read_text())
+    (case,) = results["cases"]
+    starts = [row["start"] for row in case["scan_b"]]
+    assert starts == ["A's model, not trained on B", "warm", "cold"]
+    for row in case["scan_b"]:
+        assert -1.0 <= row["amplitude_corr"] <= 1.0 and row["frc_resolution_px"] >= 1.0
+    assert [row["steps"] for row in case["scan_b"]] == [0, 20, 20]
+    table = (tmp_path / "warm-start-t.md").read_text()
+    assert "| smooth | 1e+06 | warm | steps | 20 |" in table
+    assert "| flat object |" in table

@@ -1,0 +1,153 @@
+"""Warm start against a cold one: what ``ptycho-train --init`` buys on a scan it has not seen.
+
+For each object kind, the independent forward model (bench/forward_model.py) writes two
+scans of the same kind (other seed; other photographs for ``natural``). Scan A is trained
+with ptycho-train's defaults. Scan B is then trained for each budget twice: from A's
+bundle (``--init``) and from random weights, and A's model is also run on B untrained. Each
+result is scored on ptycho-train's own reconstruction of B against B's truth
+(runtime.image_quality, the figures of bench/quality.py; the exported graph's object
+matches it to float32 rounding).
+
+    python -m bench.warm_start                         # natural, 1e6, budgets 1 and 2 min
+    python -m bench.warm_start --kinds natural,smooth --budgets 1,2,4
+
+Writes ``warm-start-<machine>.{json,md}`` under -o (default bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
+
+
+def _train(work: Path, scan: str, name: str, minutes: float | None, extra: dict[str, Any],
+           init: Path | None = None) -> dict[str, Any]:
+    from ptycho_export.train import TrainOptions, train
+
+    started = time.perf_counter()
+    result = train(work / scan, work / f"{name}.zip", work / f"{name}_run",
+                   TrainOptions(max_minutes=minutes, accelerator="cpu", devices=1,
+                                progress=False, init_from=str(init) if init else None,
+                                **extra))
+    return {"start": "warm" if init else "cold", "budget_min": minutes,
+            "train_s": round(time.perf_counter() - started, 1), "steps": result.steps,
+            **{k: result.quality["model"][k] for k in FIGURES}}
+
+
+def _untrained(work: Path, bundle: Path, scan: str) -> dict[str, Any]:
+    """A's model on B as it is: the deployment case with no training at all."""
+    from ptycho_export.bundle import load_predictor
+    from ptycho_export.reconstruct import quality_report, reconstruct_eager
+    from runtime.scan import load_scan
+
+    data = load_scan(work / scan)
+    report = quality_report(reconstruct_eager(load_predictor(bundle, "cpu"), data), data)
+    return {"start": "A's model, not trained on B", "budget_min": 0.0, "train_s": 0.0,
+            "steps": 0, **{k: report["model"][k] for k in FIGURES},
+            "flat_baseline": {k: report["flat_baseline"][k] for k in FIGURES}}
+
+
+def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanSpec,
+             extra: dict[str, Any]) -> dict[str, Any]:
+    """Train A, then B warm and cold for each budget (None: ``extra`` fixes the length)."""
+    work = Path(tempfile.mkdtemp(prefix="ptycho-warm-"))
+    try:
+        spec = ScanSpec(**{**base.to_dict(), "kind": kind, "photons": photons})
+        save(str(work / "a.npz"), spec)
+        save(str(work / "b.npz"), ScanSpec(**{**spec.to_dict(), "seed": spec.seed + 1}))
+        first = _train(work, "a.npz", "a", None, extra)
+        rows = [_untrained(work, work / "a.zip", "b.npz")]
+        for minutes in budgets:
+            for init in (work / "a.zip", None):
+                rows.append(_train(work, "b.npz", f"b-{minutes}-{bool(init)}", minutes, extra,
+                                   init))
+                print(f"[warm] {kind} {photons:.0e} B {rows[-1]['start']} {minutes} min: amp "
+                      f"SSIM {rows[-1]['amplitude_ssim']:.3f} corr "
+                      f"{rows[-1]['amplitude_corr']:.3f}, phase corr "
+                      f"{rows[-1]['phase_corr']:.3f}", flush=True)
+        return {"kind": kind, "photons": photons, "scan_a": first, "scan_b": rows}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cpu = results["cpu"]
+    lines = [
+        f"# Warm start (`ptycho-train --init`): {results['machine']}", "",
+        f"CPU: {cpu['model']}, {cpu['usable_cores']} usable cores. torch "
+        f"{results['versions'].get('torch')}. Command: `{results['command']}`.", "",
+        "Scans A and B of each kind from bench/forward_model.py (B: other seed; other "
+        "photographs for natural). A trained with ptycho-train's defaults; B trained for "
+        "each budget from A's bundle (*warm*) and from random weights (*cold*), scored on "
+        "B's truth. Budgets include the object solve. *flat object*: a constant object "
+        "scored the same way, the baseline; where its amplitude SSIM beats the models, B's "
+        "amplitude is nearly flat and its amplitude corr is the figure to read.", "",
+        "| kind | photons | model of B | budget min | steps | amp SSIM | amp corr | "
+        "phase corr | FRC px |", "|---|---|---|---|---|---|---|---|---|"]
+    for case in results["cases"]:
+        flat = case["scan_b"][0]["flat_baseline"]
+        a = case["scan_a"]
+        rows = [{**a, "start": "scan A's own model, on A"}] + case["scan_b"] + [
+            {**flat, "start": "flat object", "budget_min": None, "steps": None}]
+        for row in rows:
+            budget = "–" if row["budget_min"] is None else f"{row['budget_min']:g}"
+            if row["start"] in ("warm", "cold") and row["budget_min"] is None:
+                budget = "steps"
+            steps = "–" if row.get("steps") is None else str(row["steps"])
+            lines.append(
+                f"| {case['kind']} | {case['photons']:.0e} | {row['start']} | {budget} | "
+                f"{steps} | {row['amplitude_ssim']:.3f} | {row['amplitude_corr']:.3f} | "
+                f"{row['phase_corr']:.3f} | {row['frc_resolution_px']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default="natural")
+    parser.add_argument("--doses", default="1e6", help="mean photons per pattern")
+    parser.add_argument("--budgets", default="1,2", help="minutes of training on scan B")
+    parser.add_argument("--quick", action="store_true", help="tiny case, seconds")
+    parser.add_argument("-o", "--output", type=Path, default=RESULTS)
+    parser.add_argument("--machine", default=None)
+    args = parser.parse_args(argv)
+    kinds = args.kinds.split(",")
+    unknown = [k for k in kinds if k not in OBJECT_KINDS]
+    if unknown:
+        parser.error(f"unknown kinds {unknown}; choose from {OBJECT_KINDS}")
+    cpu = cpu_facts()
+    machine = args.machine or default_machine_name(cpu)
+    results: dict[str, Any] = {
+        "machine": machine, "cpu": cpu, "versions": library_versions(),
+        "command": "python -m bench.warm_start " + " ".join(
+            argv if argv is not None else sys.argv[1:]), "cases": []}
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = args.output / f"warm-start-{machine}"
+    budgets: list[float | None] = [float(b) for b in args.budgets.split(",")]
+    doses = [float(d) for d in args.doses.split(",")]
+    base, extra = ScanSpec(), {}
+    if args.quick:
+        base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
+        kinds, doses, budgets = ["smooth"], [1e6], [None]
+        extra = {"preset": "unet-tiny", "steps": 20, "solver_steps": 50}
+    for kind in kinds:
+        for photons in doses:
+            results["cases"].append(run_kind(kind, photons, budgets, base, extra))
+            stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            stem.with_suffix(".md").write_text(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
