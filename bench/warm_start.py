@@ -10,6 +10,7 @@ matches it to float32 rounding).
 
     python -m bench.warm_start                         # natural, 1e6, budgets 1 and 2 min
     python -m bench.warm_start --kinds natural,smooth --budgets 1,2,4
+    python -m bench.warm_start --kinds natural --a-kind smooth   # A of another kind
 
 Writes ``warm-start-<machine>.{json,md}`` under -o (default bench/results).
 """
@@ -60,12 +61,13 @@ def _untrained(work: Path, bundle: Path, scan: str) -> dict[str, Any]:
 
 
 def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanSpec,
-             extra: dict[str, Any]) -> dict[str, Any]:
-    """Train A, then B warm and cold for each budget (None: ``extra`` fixes the length)."""
+             extra: dict[str, Any], a_kind: str | None = None) -> dict[str, Any]:
+    """Train A (of ``a_kind``, default the same kind), then B warm and cold for each budget
+    (None: ``extra`` fixes the length)."""
     work = Path(tempfile.mkdtemp(prefix="ptycho-warm-"))
     try:
         spec = ScanSpec(**{**base.to_dict(), "kind": kind, "photons": photons})
-        save(str(work / "a.npz"), spec)
+        save(str(work / "a.npz"), ScanSpec(**{**spec.to_dict(), "kind": a_kind or kind}))
         save(str(work / "b.npz"), ScanSpec(**{**spec.to_dict(), "seed": spec.seed + 1}))
         first = _train(work, "a.npz", "a", None, extra)
         rows = [_untrained(work, work / "a.zip", "b.npz")]
@@ -77,7 +79,8 @@ def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanS
                       f"SSIM {rows[-1]['amplitude_ssim']:.3f} corr "
                       f"{rows[-1]['amplitude_corr']:.3f}, phase corr "
                       f"{rows[-1]['phase_corr']:.3f}", flush=True)
-        return {"kind": kind, "photons": photons, "scan_a": first, "scan_b": rows}
+        return {"kind": kind, "a_kind": a_kind or kind, "photons": photons, "scan_a": first,
+                "scan_b": rows}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -99,7 +102,8 @@ def markdown(results: dict[str, Any]) -> str:
     for case in results["cases"]:
         flat = case["scan_b"][0]["flat_baseline"]
         a = case["scan_a"]
-        rows = [{**a, "start": "scan A's own model, on A"}] + case["scan_b"] + [
+        a_kind = case.get("a_kind", case["kind"])
+        rows = [{**a, "start": f"scan A's own model, on A ({a_kind})"}] + case["scan_b"] + [
             {**flat, "start": "flat object", "budget_min": None, "steps": None}]
         for row in rows:
             budget = "–" if row["budget_min"] is None else f"{row['budget_min']:g}"
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="natural")
     parser.add_argument("--doses", default="1e6", help="mean photons per pattern")
     parser.add_argument("--budgets", default="1,2", help="minutes of training on scan B")
+    parser.add_argument("--a-kind", default=None, choices=OBJECT_KINDS,
+                        help="object kind of scan A (default: B's kind): does a model of "
+                             "one kind give a head start on another?")
     parser.add_argument("--quick", action="store_true", help="tiny case, seconds")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
@@ -143,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"preset": "unet-tiny", "steps": 20, "solver_steps": 50}
     for kind in kinds:
         for photons in doses:
-            results["cases"].append(run_kind(kind, photons, budgets, base, extra))
+            results["cases"].append(run_kind(kind, photons, budgets, base, extra,
+                                             args.a_kind))
             stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
             stem.with_suffix(".md").write_text(markdown(results))
     return 0

@@ -44,4 +44,5 @@ def test_quick_warm_start_bench_writes_warm_cold_and_untrained_rows(tmp_path):
     assert [row["steps"] for row in case["scan_b"]] == [0, 20, 20]
     table = (tmp_path / "warm-start-t.md").read_text()
     assert "| smooth | 1e+06 | warm | steps | 20 |" in table
+    assert "own model, on A (smooth)" in table
     assert "| flat object |" in table
