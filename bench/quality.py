@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
-from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"amplitude_corr": 0.9, "phase_corr": 0.9, "amplitude_ssim": 0.9}
@@ -254,20 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size is not None:
         extra["batch_size"] = args.batch_size
     if args.quick:
-        base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
-        kinds, doses, gridsizes, presets = ["smooth"], [1e6], [1], ["unet-tiny"]
-        extra = {**extra, "steps": 20, "solver_steps": 50}
-    unknown = [k for k in kinds if k not in OBJECT_KINDS]
-    if unknown:
-        parser.error(f"unknown kinds {unknown}; choose from {OBJECT_KINDS}")
-    cpu = cpu_facts()
-    machine = args.machine or default_machine_name(cpu)
-    results: dict[str, Any] = {
-        "machine": machine, "cpu": cpu, "versions": library_versions(),
-        "command": "python -m bench.quality " + " ".join(argv if argv is not None
-                                                          else sys.argv[1:]),
-        "scan": base.to_dict(), "targets": TARGETS, "cases": [],
-    }
+        base, kinds, doses, gridsizes, presets = QUICK_SCAN, ["smooth"], [1e6], [1], ["unet-tiny"]
+        extra = {**extra, **QUICK_TRAIN}
+    check_kinds(parser, kinds)
+    results = results_header("bench.quality", args.machine, argv)
+    results |= {"scan": base.to_dict(), "targets": TARGETS}
+    machine = results["machine"]
     args.output.mkdir(parents=True, exist_ok=True)
     for kind in kinds:
         for photons in doses:

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import results_header
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
-from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = (("amplitude", True), ("amplitude", False), ("poisson", True), ("poisson", False))
@@ -78,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
-    cpu = cpu_facts()
-    machine = args.machine or default_machine_name(cpu)
-    results: dict[str, Any] = {
-        "machine": machine, "cpu": cpu, "versions": library_versions(),
-        "command": "python -m bench.solver_ceiling " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "cases": []}
+    results = results_header("bench.solver_ceiling", args.machine, argv)
+    machine = results["machine"]
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"solver-ceiling-{machine}"
     for kind in args.kinds.split(","):

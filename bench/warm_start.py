@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
-from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
@@ -130,24 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
     kinds = args.kinds.split(",")
-    unknown = [k for k in kinds if k not in OBJECT_KINDS]
-    if unknown:
-        parser.error(f"unknown kinds {unknown}; choose from {OBJECT_KINDS}")
-    cpu = cpu_facts()
-    machine = args.machine or default_machine_name(cpu)
-    results: dict[str, Any] = {
-        "machine": machine, "cpu": cpu, "versions": library_versions(),
-        "command": "python -m bench.warm_start " + " ".join(
-            argv if argv is not None else sys.argv[1:]), "cases": []}
+    check_kinds(parser, kinds)
+    results = results_header("bench.warm_start", args.machine, argv)
+    machine = results["machine"]
     args.output.mkdir(parents=True, exist_ok=True)
     stem = args.output / f"warm-start-{machine}"
     budgets: list[float | None] = [float(b) for b in args.budgets.split(",")]
     doses = [float(d) for d in args.doses.split(",")]
     base, extra = ScanSpec(), {}
     if args.quick:
-        base = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
-        kinds, doses, budgets = ["smooth"], [1e6], [None]
-        extra = {"preset": "unet-tiny", "steps": 20, "solver_steps": 50}
+        base, kinds, doses, budgets = QUICK_SCAN, ["smooth"], [1e6], [None]
+        extra = {"preset": "unet-tiny", **QUICK_TRAIN}
     for kind in kinds:
         for photons in doses:
             results["cases"].append(run_kind(kind, photons, budgets, base, extra,

@@ -21,19 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ptycho_export.bundle import read_bundle, sha256_file
+from ptycho_export.bundle import read_bundle
 from ptycho_export.export.formats import UsageError
 from ptycho_export.model.config import ModelConfig
-from ptycho_export.model.generator import PtychoNet
 
 
 @dataclass(frozen=True)
 class WarmStart:
-    """The parameters of an earlier bundle, checked against the model this run builds."""
+    """An earlier bundle's weights, its model checked equal to the one this run builds (so
+    read_bundle's shape check against that model holds for this one too)."""
 
     source: Path
     sha256: str
-    parameters: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
 
     def record(self) -> dict[str, str]:
         """What the new bundle's training record says it started from."""
@@ -47,28 +47,21 @@ def _describe(config: ModelConfig) -> str:
 
 
 def load_warm_start(path: str | os.PathLike, config: ModelConfig) -> WarmStart:
-    """Read ``path`` (the safe bundle reader: hashes, shapes, no pickles) and keep its learned
-    parameters; a bundle whose model is not the one ``config`` builds is refused with one
-    line saying how they differ (UsageError), before anything is written."""
+    """Read ``path`` (the safe bundle reader: hashes, shapes, no pickles); a bundle whose
+    model is not the one ``config`` builds is refused with one line saying how they differ
+    (UsageError), before anything is written."""
     bundle = read_bundle(path)
     if bundle.config != config:
         raise UsageError(
             f"{path}: --init bundle's model is {_describe(bundle.config)}; this run builds "
             f"{_describe(config)}: pass the --preset and --gridsize it was trained with, on "
             "patterns of its size")
-    with torch.device("meta"):  # names only: nothing allocated
-        names = {name for name, _ in PtychoNet(config).named_parameters()}
-    parameters = {name: tensor for name, tensor in bundle.state_dict.items() if name in names}
-    return WarmStart(source=Path(path), sha256=sha256_file(path), parameters=parameters)
+    return WarmStart(source=Path(path), sha256=bundle.sha256, weights=bundle.state_dict)
 
 
 def apply_warm_start(net: nn.Module, warm: WarmStart) -> None:
     """Copy the learned parameters into ``net``; its buffers (the scan's input scale and
     probe-derived front end) are left as they are."""
-    own = dict(net.named_parameters())
-    if set(own) != set(warm.parameters):
-        raise UsageError(f"{warm.source}: its parameters do not match the model "
-                         f"({sorted(set(own) ^ set(warm.parameters))[:3]}...)")
     with torch.no_grad():
-        for name, tensor in warm.parameters.items():
-            own[name].copy_(tensor.to(own[name].dtype))
+        for name, parameter in net.named_parameters():
+            parameter.copy_(warm.weights[name])
