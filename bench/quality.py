@@ -62,6 +62,7 @@ def run_case(work: Path, spec: ScanSpec, preset: str, gridsize: int,
         "fit": result.quality.get("fit"),
         "budget_min": max_minutes,
         "guide": options.guide, "batch_size": options.batch_size,
+        "init_from": options.init_from,
         # the training-only object solve, scored the same way: the network's ceiling
         "object_solve": result.quality.get("object_solve"),
         "quality": _figures(seen["quality"], with_curve=True),
@@ -147,8 +148,10 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _preset(case: dict[str, Any]) -> str:
-    """The preset, and 'no guide' where the case trained on the likelihood alone."""
-    return case["preset"] + (", no guide" if case.get("guide") is False else "")
+    """The preset; 'no guide' where the case trained on the likelihood alone; the start
+    bundle where it was warm-started (--init)."""
+    return (case["preset"] + (", no guide" if case.get("guide") is False else "")
+            + (f", from {Path(case['init_from']).name}" if case.get("init_from") else ""))
 
 
 def frc_plot(path: Path, results: dict[str, Any]) -> None:
@@ -233,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                              "without it")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="training batch (default: ptycho-train's own)")
+    parser.add_argument("--init", default=None,
+                        help="ptycho-train --init: start every case from this bundle's "
+                             "weights (bench.pretrain makes starting models)")
     parser.add_argument("--quick", action="store_true", help="one tiny case, seconds")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
@@ -252,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["guide"] = False
     if args.batch_size is not None:
         extra["batch_size"] = args.batch_size
+    if args.init is not None:
+        extra["init_from"] = args.init
     if args.quick:
         base, kinds, doses, gridsizes, presets = QUICK_SCAN, ["smooth"], [1e6], [1], ["unet-tiny"]
         extra = {**extra, **QUICK_TRAIN}

@@ -11,6 +11,7 @@ matches it to float32 rounding).
     python -m bench.warm_start                         # natural, 1e6, budgets 1 and 2 min
     python -m bench.warm_start --kinds natural,smooth --budgets 1,2,4
     python -m bench.warm_start --kinds natural --a-kind smooth   # A of another kind
+    python -m bench.warm_start --start pretrained-scan-probe     # A: bench.pretrain's chain
 
 Writes ``warm-start-<machine>.{json,md}`` under -o (default bench/results).
 """
@@ -27,9 +28,10 @@ from typing import Any
 
 from bench.common import QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+from bench.pretrain import FIGURES, PretrainPlan, measured_probe, pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
+START_CHOICES = ("scan-a", "pretrained", "pretrained-scan-probe")
 
 
 def _train(work: Path, scan: str, name: str, minutes: float | None, extra: dict[str, Any],
@@ -59,16 +61,31 @@ def _untrained(work: Path, bundle: Path, scan: str) -> dict[str, Any]:
             "flat_baseline": {k: report["flat_baseline"][k] for k in FIGURES}}
 
 
+def _pretrained(work: Path, start: str, plan: PretrainPlan) -> dict[str, Any]:
+    """A := the last bundle of a chain of simulated scans (bench.pretrain); with
+    ``pretrained-scan-probe`` every stage uses scan B's own probe and dose."""
+    measured = measured_probe(work / "b.npz") if start == "pretrained-scan-probe" else None
+    record = pretrain(work / "a.zip", plan, measured, log=lambda line: print(
+        f"[warm] pretraining {line}", flush=True))
+    last = record["stages"][-1]
+    return {"start": f"{start} start, on its last simulated scan", "budget_min": None,
+            "steps": sum(row["steps"] for row in record["stages"]),
+            "train_s": record["seconds"], "pretraining": record,
+            **{k: last[k] for k in FIGURES}}
+
+
 def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanSpec,
-             extra: dict[str, Any], a_kind: str | None = None) -> dict[str, Any]:
-    """Train A (of ``a_kind``, default the same kind), then B warm and cold for each budget
-    (None: ``extra`` fixes the length)."""
+             extra: dict[str, Any], a_kind: str | None = None, start: str = "scan-a",
+             plan: PretrainPlan | None = None) -> dict[str, Any]:
+    """Train A (of ``a_kind``, default the same kind; or pretrain it, ``start``), then B
+    warm and cold for each budget (None: ``extra`` fixes the length)."""
     work = Path(tempfile.mkdtemp(prefix="ptycho-warm-"))
     try:
         spec = ScanSpec(**{**base.to_dict(), "kind": kind, "photons": photons})
         save(str(work / "a.npz"), ScanSpec(**{**spec.to_dict(), "kind": a_kind or kind}))
         save(str(work / "b.npz"), ScanSpec(**{**spec.to_dict(), "seed": spec.seed + 1}))
-        first = _train(work, "a.npz", "a", None, extra)
+        first = (_train(work, "a.npz", "a", None, extra) if start == "scan-a"
+                 else _pretrained(work, start, plan or PretrainPlan()))
         rows = [_untrained(work, work / "a.zip", "b.npz")]
         for minutes in budgets:
             for init in (work / "a.zip", None):
@@ -78,8 +95,8 @@ def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanS
                       f"SSIM {rows[-1]['amplitude_ssim']:.3f} corr "
                       f"{rows[-1]['amplitude_corr']:.3f}, phase corr "
                       f"{rows[-1]['phase_corr']:.3f}", flush=True)
-        return {"kind": kind, "a_kind": a_kind or kind, "photons": photons, "scan_a": first,
-                "scan_b": rows}
+        return {"kind": kind, "a_kind": a_kind or kind, "photons": photons, "start": start,
+                "scan_a": first, "scan_b": rows}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -102,7 +119,9 @@ def markdown(results: dict[str, Any]) -> str:
         flat = case["scan_b"][0]["flat_baseline"]
         a = case["scan_a"]
         a_kind = case.get("a_kind", case["kind"])
-        rows = [{**a, "start": f"scan A's own model, on A ({a_kind})"}] + case["scan_b"] + [
+        own = (f"scan A's own model, on A ({a_kind})" if case.get("start", "scan-a") ==
+               "scan-a" else a["start"])
+        rows = [{**a, "start": own}] + case["scan_b"] + [
             {**flat, "start": "flat object", "budget_min": None, "steps": None}]
         for row in rows:
             budget = "–" if row["budget_min"] is None else f"{row['budget_min']:g}"
@@ -124,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--a-kind", default=None, choices=OBJECT_KINDS,
                         help="object kind of scan A (default: B's kind): does a model of "
                              "one kind give a head start on another?")
+    parser.add_argument("--start", default="scan-a", choices=START_CHOICES,
+                        help="the model B warm-starts from: scan-a (A trained with the "
+                             "defaults), pretrained (bench.pretrain's chain of simulated "
+                             "scans, simulated probes), pretrained-scan-probe (the chain "
+                             "through B's own probe and dose)")
+    parser.add_argument("--stages", type=int, default=PretrainPlan.stages,
+                        help="pretraining stages (--start pretrained*)")
+    parser.add_argument("--minutes-per-stage", type=float,
+                        default=PretrainPlan.minutes_per_stage)
     parser.add_argument("--quick", action="store_true", help="tiny case, seconds")
     parser.add_argument("-o", "--output", type=Path, default=RESULTS)
     parser.add_argument("--machine", default=None)
@@ -137,13 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     budgets: list[float | None] = [float(b) for b in args.budgets.split(",")]
     doses = [float(d) for d in args.doses.split(",")]
     base, extra = ScanSpec(), {}
+    plan = PretrainPlan(stages=args.stages, minutes_per_stage=args.minutes_per_stage)
     if args.quick:
         base, kinds, doses, budgets = QUICK_SCAN, ["smooth"], [1e6], [None]
         extra = {"preset": "unet-tiny", **QUICK_TRAIN}
+        plan = PretrainPlan(stages=2, steps_per_stage=QUICK_TRAIN["steps"],
+                            preset="unet-tiny", patch_size=QUICK_SCAN.patch, grid=5)
     for kind in kinds:
         for photons in doses:
             results["cases"].append(run_kind(kind, photons, budgets, base, extra,
-                                             args.a_kind))
+                                             args.a_kind, args.start, plan))
             stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
             stem.with_suffix(".md").write_text(markdown(results))
     return 0

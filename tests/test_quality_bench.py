@@ -46,3 +46,18 @@ def test_quick_warm_start_bench_writes_warm_cold_and_untrained_rows(tmp_path):
     assert "| smooth | 1e+06 | warm | steps | 20 |" in table
     assert "own model, on A (smooth)" in table
     assert "| flat object |" in table
+
+
+def test_quick_pretrained_start_chains_simulated_stages_through_bs_probe(tmp_path):
+    from bench.warm_start import main
+
+    assert main(["--quick", "--start", "pretrained-scan-probe", "-o", str(tmp_path),
+                 "--machine", "t"]) == 0
+    (case,) = json.loads((tmp_path / "warm-start-t.json").read_text())["cases"]
+    pretraining = case["scan_a"]["pretraining"]
+    assert pretraining["probe_from"] == "b.npz" and len(pretraining["stages"]) == 2
+    assert case["scan_a"]["steps"] == 40  # two stages of 20
+    assert [row["start"] for row in case["scan_b"]] == ["A's model, not trained on B",
+                                                        "warm", "cold"]
+    table = (tmp_path / "warm-start-t.md").read_text()
+    assert "| pretrained-scan-probe start, on its last simulated scan |" in table

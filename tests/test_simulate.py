@@ -22,6 +22,7 @@ from ptycho_export.data.simulate import (
     far_field,
     make_object,
     probe_disc,
+    probe_focused,
 )
 
 SMALL = SimulationConfig(
@@ -184,6 +185,52 @@ def test_object_ranges(kind: str) -> None:
     assert amp.std() > 0.01 and np.angle(obj).std() > 0.05  # not blank
 
 
+def test_dead_leaves_object_has_edges_at_every_scale() -> None:
+    rng = np.random.default_rng(5)
+    obj = make_object((128, 128), rng, kind="leaves", min_amplitude=0.4, max_phase=1.0,
+                      feature_px=16.0)
+    amp, phase = np.abs(obj), np.angle(obj)
+    assert amp.min() >= 0.4 - 1e-6 and amp.max() <= 1 + 1e-6
+    assert np.abs(phase).max() <= 1.0 + 1e-5
+    # sharp edges: heavy-tailed neighbour steps (measured: 99th percentile 0.20, 8x the
+    # median; a smooth field of the same feature size: 0.045, 4x)
+    steps = np.abs(np.diff(amp, axis=1)).ravel()
+    assert np.quantile(steps, 0.99) > 0.1 and np.quantile(steps, 0.99) > 5 * np.median(steps)
+    # a power-law spectrum, not one feature size: power falls ~f^-2.3 over a decade
+    # (a smooth field: 10^-12.5)
+    power = np.abs(np.fft.fft2(amp - amp.mean())) ** 2
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
+    low, high = power[(f > 0.02) & (f < 0.04)].mean(), power[(f > 0.2) & (f < 0.4)].mean()
+    slope = math.log(high / low) / math.log(10.0)
+    assert -4.0 < slope < -1.5
+    again = make_object((128, 128), np.random.default_rng(5), kind="leaves",
+                        min_amplitude=0.4, max_phase=1.0, feature_px=16.0)
+    np.testing.assert_array_equal(obj, again)
+
+
+def test_focused_probe_is_an_airy_spot_of_the_asked_size() -> None:
+    n, diameter = 64, 24.0
+    probe = probe_focused(n, diameter, 0.0, 1e6)
+    assert probe.dtype == np.complex64
+    np.testing.assert_allclose(np.sum(np.abs(probe.astype(np.complex128)) ** 2), 1e6,
+                               rtol=1e-5)
+    intensity = np.abs(probe[n // 2]) ** 2  # the row through the centre
+    assert np.argmax(intensity) == n // 2
+    # first dark ring at about half the diameter; most power inside the first ring
+    first_zero = n // 2 + int(np.argmax(np.diff(intensity[n // 2:]) > 0))
+    assert abs((first_zero - n // 2) - diameter / 2) <= 1.5
+    r = np.hypot(*np.meshgrid(np.arange(n) - n // 2, np.arange(n) - n // 2, indexing="ij"))
+    inside = np.sum(np.abs(probe[r <= diameter / 2]) ** 2) / 1e6
+    assert 0.75 < inside < 0.95
+    # its far field is the pupil: nothing beyond the pupil radius
+    far = np.abs(np.fft.fft2(probe.astype(np.complex128)))
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(n) * n, np.fft.fftfreq(n) * n, indexing="ij"))
+    assert far[k > 1.22 * n / diameter + 0.01].max() < 1e-3 * far.max()
+    scan = simulate_scan(dataclasses.replace(SMALL, probe_kind="focused"))
+    np.testing.assert_allclose(np.abs(scan.probe), np.abs(probe_focused(32, 12.0, 3.0, 1e5)),
+                               rtol=1e-5, atol=1e-3)
+
+
 def test_smooth_scan_runs() -> None:
     smooth = simulate_scan(dataclasses.replace(SMALL, object_kind="smooth", grid_shape=(2, 3)))
     assert smooth.n_patterns == 6
@@ -208,6 +255,7 @@ def test_simulated_scan_round_trips(tmp_path: Path, scan: ScanData) -> None:
         {"defocus": 50.0},
         {"photons_per_pattern": 0.0},
         {"object_kind": "cat"},
+        {"probe_kind": "gaussian"},
         {"max_phase": 4.0},
         {"min_amplitude": 0.0},
     ],

@@ -26,7 +26,8 @@ import numpy as np
 
 from runtime.scan import ScanData, validate_scan
 
-OBJECT_KINDS = ("lines", "smooth")
+OBJECT_KINDS = ("lines", "smooth", "leaves")
+PROBE_KINDS = ("disc", "focused")
 _CHUNK = 256  # patterns per FFT batch: caps temporary memory at ~_CHUNK * N * N * 16 bytes
 _MARGIN_PX = 4  # object pixels kept free around the outermost patches
 
@@ -58,11 +59,17 @@ class SimulationConfig:
     photons_per_pattern: float = 1e6
     """Dose: expected counts per pattern for an object patch of amplitude 1."""
     object_kind: str = "lines"
-    """"lines": blurred random line segments; "smooth": band-limited random fields."""
+    """"lines": blurred random line segments; "smooth": band-limited random fields;
+    "leaves": a dead-leaves image (occluding discs of power-law sizes), the classic model
+    of natural-image statistics (edges at every scale, a 1/f-like spectrum)."""
     max_phase: float = 2.5
     """Largest |object phase| in rad (at most pi, the model's phase-head range)."""
     min_amplitude: float = 0.5
     """Object amplitude lies in [min_amplitude, 1]; 1.0 gives a pure phase object."""
+    probe_kind: str = "disc"
+    """"disc": a defocused disc in the sample plane (``probe_disc``); "focused": the image
+    of a defocused circular pupil (``probe_focused``), an Airy spot as lenses and zone
+    plates make."""
     seed: int = 0
     """Seed of ``np.random.default_rng``-style streams; same seed, identical arrays."""
 
@@ -96,6 +103,8 @@ class SimulationConfig:
             raise ValueError(f"photons_per_pattern must be > 0, got {self.photons_per_pattern!r}")
         if self.object_kind not in OBJECT_KINDS:
             raise ValueError(f"object_kind must be one of {OBJECT_KINDS}, got {self.object_kind!r}")
+        if self.probe_kind not in PROBE_KINDS:
+            raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {self.probe_kind!r}")
         if not (0 <= self.max_phase <= math.pi):
             raise ValueError(f"max_phase must be in [0, pi], got {self.max_phase!r}")
         if not (0 < self.min_amplitude <= 1):
@@ -129,6 +138,23 @@ def probe_disc(
     r = np.hypot(coords[:, None], coords[None, :])
     amplitude = 0.5 * (1.0 - np.tanh((r - radius) / edge_px))
     probe = amplitude * np.exp(1j * defocus * (r / radius) ** 2)
+    probe *= math.sqrt(photons / float(np.sum(np.abs(probe) ** 2)))
+    return probe.astype(np.complex64)
+
+
+def probe_focused(n: int, diameter_px: float, defocus: float, photons: float) -> np.ndarray:
+    """A focused probe on an n x n grid, complex64, ``sum(|p|^2) == photons``: the inverse
+    transform of a circular pupil with ``defocus`` rad of quadratic phase at its rim.
+
+    The pupil radius is chosen so that the Airy core's first zero falls at ``diameter_px``
+    / 2 (1.22 n / (2 r_pupil) = diameter / 2): the bright spot is the probe's size, with
+    faint rings beyond it, unlike the disc probe's hard support.
+    """
+    k = np.fft.fftfreq(n) * n  # detector pixels from DC, unshifted
+    kr = np.hypot(k[:, None], k[None, :])
+    pupil_radius = 1.22 * n / diameter_px
+    pupil = (kr <= pupil_radius) * np.exp(1j * defocus * (kr / pupil_radius) ** 2)
+    probe = np.fft.fftshift(np.fft.ifft2(pupil))  # centred at pixel (n/2, n/2)
     probe *= math.sqrt(photons / float(np.sum(np.abs(probe) ** 2)))
     return probe.astype(np.complex64)
 
@@ -197,6 +223,37 @@ def _smooth_fields(
     return absorption, phase
 
 
+def _leaves_field(shape: tuple[int, int], rng: np.random.Generator,
+                  feature_px: float) -> np.ndarray:
+    """A dead-leaves field in [0, 1]: discs of uniform grey level dropped one over another
+    until the plane is covered, radii drawn from p(r) ~ r^-3 between 1 px and 2 x feature_px
+    (the scale-invariant law that gives natural images' statistics), edges blurred 0.7 px."""
+    height, width = shape
+    field = np.full(shape, np.nan)
+    r_min, r_max = 1.0, 2.0 * feature_px
+    yy, xx = np.mgrid[0:height, 0:width]
+    # inverse CDF of r^-3 on [r_min, r_max]; new discs go *under* the ones already there,
+    # so filling stops once every pixel is covered
+    for drop in range(20000):
+        u = rng.uniform()
+        r = (r_min**-2 - u * (r_min**-2 - r_max**-2)) ** -0.5
+        cy, cx = rng.uniform(-r, height + r), rng.uniform(-r, width + r)
+        y0, y1 = max(0, int(cy - r)), min(height, int(cy + r) + 2)
+        x0, x1 = max(0, int(cx - r)), min(width, int(cx + r) + 2)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        window = field[y0:y1, x0:x1]
+        inside = ((yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= r * r) \
+            & np.isnan(window)
+        window[inside] = rng.uniform()
+        if drop % 64 == 63 and not np.isnan(field).any():
+            break
+    field = np.nan_to_num(field, nan=0.5)
+    field = _gaussian_blur(field, 0.7)
+    lo, hi = float(field.min()), float(field.max())
+    return (field - lo) / (hi - lo) if hi > lo else np.zeros(shape)
+
+
 def make_object(
     shape: tuple[int, int],
     rng: np.random.Generator,
@@ -218,6 +275,9 @@ def make_object(
         absorption, phase = _line_fields(shape, rng, feature_px)
     elif kind == "smooth":
         absorption, phase = _smooth_fields(shape, rng, feature_px)
+    elif kind == "leaves":
+        absorption = _leaves_field(shape, rng, feature_px)
+        phase = 2.0 * _leaves_field(shape, rng, feature_px) - 1.0
     else:
         raise ValueError(f"object kind must be one of {OBJECT_KINDS}, got {kind!r}")
     amplitude = 1.0 - (1.0 - min_amplitude) * absorption
@@ -271,11 +331,13 @@ def expected_intensity(
 # --------------------------------------------------------------------------- the scan
 
 
-def simulate_scan(config: SimulationConfig) -> ScanData:
+def simulate_scan(config: SimulationConfig, probe: np.ndarray | None = None) -> ScanData:
     """Simulate a full scan: object, probe, positions, Poisson-noisy amplitudes.
 
     Positions, object and noise draw from independent streams spawned from ``config.seed``,
-    so e.g. changing the dose leaves the object and positions unchanged.
+    so e.g. changing the dose leaves the object and positions unchanged. ``probe``: use
+    this (N, N) probe (a measured one, say), scaled to ``photons_per_pattern``, instead of
+    the config's disc or focused probe.
     """
     n = config.patch_size
     pos_rng, obj_rng, noise_rng = (
@@ -294,7 +356,16 @@ def simulate_scan(config: SimulationConfig) -> ScanData:
         max_phase=config.max_phase,
         feature_px=config.probe_diameter_px,
     )
-    probe = probe_disc(n, config.probe_diameter_px, config.defocus, config.photons_per_pattern)
+    if probe is None:
+        make_probe = probe_disc if config.probe_kind == "disc" else probe_focused
+        probe = make_probe(n, config.probe_diameter_px, config.defocus,
+                           config.photons_per_pattern)
+    else:
+        probe = np.asarray(probe, dtype=np.complex128)
+        if probe.shape != (n, n):
+            raise ValueError(f"probe is {probe.shape}; this scan's patterns are {n}x{n}")
+        probe = (probe * math.sqrt(config.photons_per_pattern
+                                   / float(np.sum(np.abs(probe) ** 2)))).astype(np.complex64)
     amplitudes = np.empty((positions.shape[0], n, n), dtype=np.float32)
     for start in range(0, positions.shape[0], _CHUNK):
         stop = start + _CHUNK
