@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+import numpy as np
+
 from bench.forward_model import OBJECT_KINDS, ScanSpec
 from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
@@ -24,6 +26,19 @@ def results_header(module: str, machine: str | None, argv: list[str] | None
             "command": f"python -m {module} " + " ".join(
                 argv if argv is not None else sys.argv[1:]),
             "cases": []}
+
+
+def power_radii(probe: np.ndarray, fractions: tuple[float, ...] = (0.5, 0.8)) -> list[float]:
+    """Radii about the probe's centroid that hold the given fractions of its power (a
+    focused probe's faint rings count for little, unlike in its support)."""
+    power = np.abs(np.asarray(probe, dtype=np.complex128)) ** 2
+    yy, xx = np.indices(power.shape)
+    total = float(power.sum())
+    cy, cx = float((power * yy).sum()) / total, float((power * xx).sum()) / total
+    radius = np.hypot(yy - cy, xx - cx).ravel()
+    order = np.argsort(radius)
+    enclosed = np.cumsum(power.ravel()[order]) / total
+    return [float(radius[order][np.searchsorted(enclosed, f)]) for f in fractions]
 
 
 def check_kinds(parser: argparse.ArgumentParser, kinds: list[str]) -> None:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 OBJECT_KINDS = ("natural", "smooth", "sparse", "strong-phase", "weak-phase")
+PROBE_KINDS = ("pupil", "disc")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class ScanSpec:
     defocus_rad: float = 2.0  # quadratic pupil phase at the pupil edge, radians
     photons: float = 1e6  # mean counts per pattern
     seed: int = 0
+    # "pupil": a defocused circular pupil imaged onto the sample (make_probe, a focused
+    # spot with rings); "disc": a sharp-edged disc of the diameter in the sample plane with
+    # defocus_rad of quadratic phase at its rim (make_disc_probe, a broad far field)
+    probe_kind: str = "pupil"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +139,19 @@ def make_probe(n: int, diameter_px: float, defocus_rad: float) -> np.ndarray:
     return probe / np.sqrt(np.sum(np.abs(probe) ** 2))
 
 
+def make_disc_probe(n: int, diameter_px: float, defocus_rad: float) -> np.ndarray:
+    """A disc of the given diameter in the sample plane, edges smoothed over ~1 px by
+    supersampling, with a quadratic phase of defocus_rad at the rim; unit total power."""
+    fine = 4  # subpixels per pixel for the edge
+    sub = (np.arange(n * fine) + 0.5) / fine - 0.5 - n // 2
+    inside = (sub[:, None] ** 2 + sub[None, :] ** 2 <= (diameter_px / 2) ** 2)
+    coverage = inside.reshape(n, fine, n, fine).mean(axis=(1, 3))
+    centre = np.arange(n) - n // 2
+    rho2 = (centre[:, None] ** 2 + centre[None, :] ** 2) / (diameter_px / 2) ** 2
+    probe = coverage * np.exp(1j * defocus_rad * rho2)
+    return probe / np.sqrt(np.sum(np.abs(probe) ** 2))
+
+
 def scan_positions(spec: ScanSpec, rng: np.random.Generator) -> np.ndarray:
     """(M, 2) fractional (y, x) patch centres on a jittered raster inside the object."""
     half = spec.patch / 2
@@ -170,7 +188,10 @@ def simulate(spec: ScanSpec) -> dict[str, np.ndarray]:
     """The npz arrays of one scan (float64 diffraction amplitudes, complex128 probe/object)."""
     rng = np.random.default_rng(spec.seed + 1)
     obj = make_object(spec.kind, spec.object_px, spec.seed)
-    probe = make_probe(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
+    if spec.probe_kind not in PROBE_KINDS:
+        raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {spec.probe_kind!r}")
+    make = make_probe if spec.probe_kind == "pupil" else make_disc_probe
+    probe = make(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
     positions = scan_positions(spec, rng)
     padded = np.pad(obj, MARGIN, mode="reflect")
     intensity = np.empty((len(positions), spec.patch, spec.patch))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import power_radii
 from ptycho_export.data.simulate import SimulationConfig, simulate_scan
 from runtime.atomic import written_atomic
 from runtime.report_io import write_json
@@ -47,15 +48,8 @@ class PretrainPlan:
 
 def probe_size_px(probe: np.ndarray) -> float:
     """The probe's diameter for choosing scan steps: twice the radius that holds 80 % of
-    its power about its centroid (a focused probe's faint rings do not count)."""
-    power = np.abs(np.asarray(probe, dtype=np.complex128)) ** 2
-    yy, xx = np.indices(power.shape)
-    total = float(power.sum())
-    cy, cx = float((power * yy).sum()) / total, float((power * xx).sum()) / total
-    radius = np.hypot(yy - cy, xx - cx).ravel()
-    order = np.argsort(radius)
-    enclosed = np.cumsum(power.ravel()[order]) / total
-    return 2.0 * float(radius[order][np.searchsorted(enclosed, 0.8)])
+    its power."""
+    return 2.0 * power_radii(probe, (0.8,))[0]
 
 
 @dataclass(frozen=True)

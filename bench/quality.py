@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
-from bench.forward_model import OBJECT_KINDS, ScanSpec, save
+from bench.forward_model import OBJECT_KINDS, PROBE_KINDS, ScanSpec, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"amplitude_corr": 0.9, "phase_corr": 0.9, "amplitude_ssim": 0.9}
@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--defocus-rad", type=float, default=None,
                         help="probe defocus (pupil-edge phase, rad; default "
                              f"{ScanSpec().defocus_rad}: a bright core; 5: a broad disc)")
+    parser.add_argument("--probe-kind", default=None, choices=PROBE_KINDS,
+                        help="pupil (default: a focused spot; its far field lights 2 %% of "
+                             "the detector) or disc (a sharp disc in the sample plane: a "
+                             "broad far field)")
     parser.add_argument("--no-guide", action="store_true",
                         help="train on the likelihood alone (ptycho-train --no-guide): what "
                              "the object guide is worth, and what the overlap constraint adds "
@@ -253,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     budgets: list[float | None] = ([float(b) for b in args.max_minutes.split(",")]
                                    if args.max_minutes else [None])
     if args.defocus_rad is not None:
-        base = ScanSpec(defocus_rad=args.defocus_rad)
+        base = ScanSpec(**{**base.to_dict(), "defocus_rad": args.defocus_rad})
+    if args.probe_kind is not None:
+        base = ScanSpec(**{**base.to_dict(), "probe_kind": args.probe_kind})
     if args.no_guide:
         extra["guide"] = False
     if args.batch_size is not None:

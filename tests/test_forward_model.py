@@ -11,6 +11,7 @@ from bench.forward_model import (  # noqa: E402
     OBJECT_KINDS,
     ScanSpec,
     fourier_patch,
+    make_disc_probe,
     make_object,
     make_probe,
     simulate,
@@ -41,6 +42,24 @@ def test_probe_has_unit_power_and_fits_the_patch() -> None:
     assert np.sum(np.abs(probe) ** 2) == pytest.approx(1.0)
     r = np.hypot(*(np.mgrid[0:64, 0:64] - 32))
     assert np.sum(np.abs(probe[r < 24]) ** 2) > 0.9
+
+
+def test_disc_probe_is_a_sharp_disc_with_a_broad_far_field() -> None:
+    disc, pupil = make_disc_probe(64, 24.0, 5.0), make_probe(64, 24.0, 2.0)
+    assert np.sum(np.abs(disc) ** 2) == pytest.approx(1.0)
+    r = np.hypot(*(np.mgrid[0:64, 0:64] - 32))
+    amplitude = np.abs(disc)
+    assert amplitude[r < 11].std() < 1e-9 and amplitude[r > 13].max() == 0.0
+    # the rim phase is the defocus
+    assert np.angle(disc[32, 32 + 11]) == pytest.approx(5.0 * (11 / 12) ** 2 - 2 * np.pi)
+
+    def lit(probe: np.ndarray) -> float:  # detector fraction above 1e-3 of the far field's peak
+        far = np.abs(np.fft.fft2(probe))
+        return float((far >= 1e-3 * far.max()).mean())
+
+    assert lit(pupil) < 0.03 and lit(disc) > 0.5
+    with pytest.raises(ValueError, match="probe_kind"):
+        simulate(ScanSpec(object_px=64, patch=32, probe_kind="gauss"))
 
 
 @pytest.mark.parametrize("kind", OBJECT_KINDS)
