@@ -19,6 +19,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,11 +99,13 @@ def stage_scan(stage: int, plan: PretrainPlan, measured: MeasuredProbe | None = 
 
 
 def pretrain(output: str | Path, plan: PretrainPlan, measured: MeasuredProbe | None = None,
-             log=print) -> dict:
+             log: Callable[[str], None] = print) -> dict:
     """Run the stages; write the last stage's bundle to ``output`` and, beside it,
     ``<output>.json`` with every stage's scan and figures. Returns that record."""
     from ptycho_export.train import TrainOptions, train
 
+    if plan.stages < 1:
+        raise ValueError(f"a chain needs at least one stage, got {plan.stages}")
     output = Path(output)
     record: dict = {"plan": asdict(plan), "stages": [],
                     "probe_from": measured.source if measured else None}

@@ -103,6 +103,9 @@ def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanS
 
 def markdown(results: dict[str, Any]) -> str:
     cpu = results["cpu"]
+    starts = [{**c["scan_a"]["pretraining"]["plan"],
+               "probe_from": c["scan_a"]["pretraining"]["probe_from"]}
+              for c in results["cases"] if "pretraining" in c["scan_a"]]
     lines = [
         f"# Warm start (`ptycho-train --init`): {results['machine']}", "",
         f"CPU: {cpu['model']}, {cpu['usable_cores']} usable cores. torch "
@@ -113,6 +116,13 @@ def markdown(results: dict[str, Any]) -> str:
         "B's truth. Budgets include the object solve. *flat object*: a constant object "
         "scored the same way, the baseline; where its amplitude SSIM beats the models, B's "
         "amplitude is nearly flat and its amplitude corr is the figure to read.", "",
+        *([f"Here *A's model* is not a model of scan A: it is the last bundle of a "
+           f"bench.pretrain chain of {starts[0]['stages']} training runs "
+           f"({starts[0]['minutes_per_stage']:g} min each) over simulated scans "
+           "(dead-leaves, smooth and line objects"
+           + (", through B's own probe and dose)." if starts[0]["probe_from"] else
+              ", simulated disc and focused probes).")
+           + " Its figures on the chain's last scan head the table.", ""] if starts else []),
         "| kind | photons | model of B | budget min | steps | amp SSIM | amp corr | "
         "phase corr | FRC px |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:

@@ -61,3 +61,4 @@ def test_quick_pretrained_start_chains_simulated_stages_through_bs_probe(tmp_pat
                                                         "warm", "cold"]
     table = (tmp_path / "warm-start-t.md").read_text()
     assert "| pretrained-scan-probe start, on its last simulated scan |" in table
+    assert "not a model of scan A" in table and "through B's own probe" in table
