@@ -286,9 +286,9 @@ def training_device(options: TrainOptions) -> torch.device:
 
 
 def seconds_per_step(module: PtychoModule, datamodule: ScanDataModule, device: torch.device,
-                     timed: int = 6) -> float:
-    """One optimizer step of a throwaway copy of the module on real batches, timed after
-    two warm-up steps: the measured cost the step plan divides the time budget by."""
+                     timed: int = 8) -> float:
+    """One optimizer step of a throwaway copy of the module on real batches, the median of
+    ``timed`` steps after two warm-up steps: the cost the step plan divides the budget by."""
     import copy
 
     # the guide is training data, not state: share it with the copy instead of doubling it
@@ -302,25 +302,31 @@ def seconds_per_step(module: PtychoModule, datamodule: ScanDataModule, device: t
         batches.append([t.to(device) for t in batch])
         if len(batches) == 2:
             break
-    started = 0.0
+    times = []
     for i in range(timed + 2):
-        if i == 2:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
         loss, _ = probe.losses(batches[i % len(batches)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / timed
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - started)
+    # the median: a step slowed by another process on a shared machine does not shrink
+    # the whole plan (a mean of 6 once read 135 ms where the steps then ran at 105)
+    return float(np.median(times))
 
 
-# Margin for Lightning's own work per step (logging, callbacks, the loader) on top of the
-# bare timed step. The demo on 2 cores planned 1,312 steps for 170 s and trained in
-# 164 s, object solve and reports included, so the margin is not tight.
-LIGHTNING_OVERHEAD = 1.15
+# Lightning's own work per step (logging, callbacks, the loader) relative to the bare
+# timed step. Measured on 2 cores (natural benchmark scan, default model, 1.5 min): the
+# fit's steps ran at 0.92x and 1.01x the timed one in two runs, and 0.85x in a 5-minute
+# run where a margin of 1.15 left 82 of 300 s unused
+# (bench/results/quality-*-disc-probe-5min.md); without a margin one run overshot its
+# 90 s by 6 s. So a small one.
+LIGHTNING_OVERHEAD = 1.05
 MIN_STEPS, MAX_STEPS = 200, 50_000
 
 
