@@ -11,6 +11,9 @@ import numpy as np
 from bench.forward_model import OBJECT_KINDS, ScanSpec
 from ptycho_export.bench.speed import cpu_facts, default_machine_name, library_versions
 
+# The figures the warm-start and pretraining tables carry.
+FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
+
 # The seconds-long case of --quick: a tiny scan and a 20-step run, for wiring tests.
 QUICK_SCAN = ScanSpec(object_px=64, patch=32, step_px=6, probe_diameter_px=12)
 QUICK_TRAIN: dict[str, Any] = {"steps": 20, "solver_steps": 50}

@@ -25,12 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import check_kinds, power_radii, results_header
+from bench.common import FIGURES, check_kinds, power_radii, results_header
 from bench.forward_model import PROBE_KINDS, ScanSpec, save
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DARK = 1e-3  # far-field amplitude below this fraction of its peak counts as dark
-FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
 
 
 def score_estimates(scan_path: Path) -> dict[str, Any]:
@@ -51,8 +50,9 @@ def score_estimates(scan_path: Path) -> dict[str, Any]:
     frontend = BackPropagation(probe.shape[-1])
     frontend.set_probe(probe)  # exactly the network's first layer
     scaled = torch.from_numpy(scan.amplitudes * np.float32(norm.amplitude_scale))
-    row: dict[str, Any] = {"bright_fraction": float(bright.mean()),
-                           "r50_px": power_radii(probe)[0], "r80_px": power_radii(probe)[1]}
+    r50, r80 = power_radii(probe)
+    row: dict[str, Any] = {"bright_fraction": float(bright.mean()), "r50_px": r50,
+                           "r80_px": r80}
     for name in ("all", "bright_field_only"):
         if name == "bright_field_only":
             with torch.no_grad():

@@ -25,12 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import power_radii
+from bench.common import FIGURES, power_radii
 from ptycho_export.data.simulate import SimulationConfig, simulate_scan
 from runtime.atomic import written_atomic
 from runtime.report_io import write_json
-
-FIGURES = ("amplitude_ssim", "amplitude_corr", "phase_corr", "frc_resolution_px")
 
 # The object kinds in turn: dead leaves (natural-image statistics) twice as often.
 STAGE_KINDS = ("leaves", "smooth", "leaves", "lines")

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
+from bench.common import FIGURES, QUICK_SCAN, QUICK_TRAIN, check_kinds, results_header
 from bench.forward_model import OBJECT_KINDS, ScanSpec, save
-from bench.pretrain import FIGURES, PretrainPlan, measured_probe, pretrain
+from bench.pretrain import PretrainPlan, measured_probe, pretrain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 START_CHOICES = ("scan-a", "pretrained", "pretrained-scan-probe")
@@ -103,9 +103,8 @@ def run_kind(kind: str, photons: float, budgets: list[float | None], base: ScanS
 
 def markdown(results: dict[str, Any]) -> str:
     cpu = results["cpu"]
-    starts = [{**c["scan_a"]["pretraining"]["plan"],
-               "probe_from": c["scan_a"]["pretraining"]["probe_from"]}
-              for c in results["cases"] if "pretraining" in c["scan_a"]]
+    chain = next((c["scan_a"]["pretraining"] for c in results["cases"]
+                  if "pretraining" in c["scan_a"]), None)
     lines = [
         f"# Warm start (`ptycho-train --init`): {results['machine']}", "",
         f"CPU: {cpu['model']}, {cpu['usable_cores']} usable cores. torch "
@@ -117,12 +116,12 @@ def markdown(results: dict[str, Any]) -> str:
         "scored the same way, the baseline; where its amplitude SSIM beats the models, B's "
         "amplitude is nearly flat and its amplitude corr is the figure to read.", "",
         *([f"Here *A's model* is not a model of scan A: it is the last bundle of a "
-           f"bench.pretrain chain of {starts[0]['stages']} training runs "
-           f"({starts[0]['minutes_per_stage']:g} min each) over simulated scans "
+           f"bench.pretrain chain of {chain['plan']['stages']} training runs "
+           f"({chain['plan']['minutes_per_stage']:g} min each) over simulated scans "
            "(dead-leaves, smooth and line objects"
-           + (", through B's own probe and dose)." if starts[0]["probe_from"] else
+           + (", through B's own probe and dose)." if chain["probe_from"] else
               ", simulated disc and focused probes).")
-           + " Its figures on the chain's last scan head the table.", ""] if starts else []),
+           + " Its figures on the chain's last scan head the table.", ""] if chain else []),
         "| kind | photons | model of B | budget min | steps | amp SSIM | amp corr | "
         "phase corr | FRC px |", "|---|---|---|---|---|---|---|---|---|"]
     for case in results["cases"]:

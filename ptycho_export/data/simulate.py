@@ -137,9 +137,14 @@ def probe_disc(
     coords = np.arange(n, dtype=np.float64) - n // 2
     r = np.hypot(coords[:, None], coords[None, :])
     amplitude = 0.5 * (1.0 - np.tanh((r - radius) / edge_px))
-    probe = amplitude * np.exp(1j * defocus * (r / radius) ** 2)
-    probe *= math.sqrt(photons / float(np.sum(np.abs(probe) ** 2)))
-    return probe.astype(np.complex64)
+    return scaled_to(amplitude * np.exp(1j * defocus * (r / radius) ** 2), photons)
+
+
+def scaled_to(probe: np.ndarray, photons: float) -> np.ndarray:
+    """``probe`` as complex64, scaled so that ``sum(|p|^2) == photons``."""
+    probe = np.asarray(probe, dtype=np.complex128)
+    return (probe * math.sqrt(photons / float(np.sum(np.abs(probe) ** 2)))).astype(
+        np.complex64)
 
 
 def probe_focused(n: int, diameter_px: float, defocus: float, photons: float) -> np.ndarray:
@@ -154,9 +159,7 @@ def probe_focused(n: int, diameter_px: float, defocus: float, photons: float) ->
     kr = np.hypot(k[:, None], k[None, :])
     pupil_radius = 1.22 * n / diameter_px
     pupil = (kr <= pupil_radius) * np.exp(1j * defocus * (kr / pupil_radius) ** 2)
-    probe = np.fft.fftshift(np.fft.ifft2(pupil))  # centred at pixel (n/2, n/2)
-    probe *= math.sqrt(photons / float(np.sum(np.abs(probe) ** 2)))
-    return probe.astype(np.complex64)
+    return scaled_to(np.fft.fftshift(np.fft.ifft2(pupil)), photons)  # centred at (n/2, n/2)
 
 
 def grid_positions(config: SimulationConfig, rng: np.random.Generator) -> np.ndarray:
@@ -360,12 +363,10 @@ def simulate_scan(config: SimulationConfig, probe: np.ndarray | None = None) -> 
         make_probe = probe_disc if config.probe_kind == "disc" else probe_focused
         probe = make_probe(n, config.probe_diameter_px, config.defocus,
                            config.photons_per_pattern)
+    elif np.shape(probe) != (n, n):
+        raise ValueError(f"probe is {np.shape(probe)}; this scan's patterns are {n}x{n}")
     else:
-        probe = np.asarray(probe, dtype=np.complex128)
-        if probe.shape != (n, n):
-            raise ValueError(f"probe is {probe.shape}; this scan's patterns are {n}x{n}")
-        probe = (probe * math.sqrt(config.photons_per_pattern
-                                   / float(np.sum(np.abs(probe) ** 2)))).astype(np.complex64)
+        probe = scaled_to(probe, config.photons_per_pattern)
     amplitudes = np.empty((positions.shape[0], n, n), dtype=np.float32)
     for start in range(0, positions.shape[0], _CHUNK):
         stop = start + _CHUNK
