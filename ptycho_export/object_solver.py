@@ -42,6 +42,10 @@ import numpy as np
 import torch
 
 from ptycho_export.schedule import cosine_decay
+from runtime.refine import pattern_corners, shifted_probes
+
+__all__ = ["ILLUMINATION_FLOOR", "MISFITS", "SolvedObject", "default_solver_steps",
+           "illumination_step_scale", "patches_at", "shifted_probes", "solve_object"]
 
 
 @dataclass(frozen=True)
@@ -50,28 +54,6 @@ class SolvedObject:
     corner_px: np.ndarray  # (2,) object pixel (y, x) of canvas pixel (0, 0)
     final_loss: float  # mean Poisson NLL of the last steps, network units (0 = perfect)
     steps: int
-
-
-def _tops(positions_px: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Whole-pixel top-left corners and fractional parts of each patch (positions are
-    patch centres: patch pixel (i, j) is object pixel (y - n/2 + i, x - n/2 + j))."""
-    top = np.asarray(positions_px, dtype=np.float64) - n / 2.0
-    base = np.floor(top)
-    return base.astype(np.int64), top - base
-
-
-def shifted_probes(probe: np.ndarray, frac: np.ndarray) -> np.ndarray:
-    """(M, n, n) complex64: probe(r - f_m) for each fractional part f_m (Fourier shift)."""
-    n = probe.shape[-1]
-    k = np.fft.fftfreq(n)
-    spectrum = np.fft.fft2(np.asarray(probe, dtype=np.complex128))
-    out = np.empty((len(frac), n, n), dtype=np.complex64)
-    for start in range(0, len(frac), 512):
-        f = frac[start : start + 512]
-        ramp = np.exp(-2j * np.pi * (k[None, :, None] * f[:, 0, None, None]
-                                      + k[None, None, :] * f[:, 1, None, None]))
-        out[start : start + len(f)] = np.fft.ifft2(spectrum[None] * ramp)
-    return out
 
 
 # Illumination (summed |probe|^2, relative to its peak) below which the solve's step size
@@ -115,7 +97,7 @@ def solve_object(amplitudes: np.ndarray, probe: np.ndarray, positions_px: np.nda
         raise ValueError(f"unknown misfit {misfit!r}; choose one of {MISFITS}")
     m, n, _ = amplitudes.shape
     steps = default_solver_steps(m, batch) if steps is None else steps
-    base, frac = _tops(positions_px, n)
+    base, frac = pattern_corners(positions_px, n)
     corner = base.min(axis=0)
     base = base - corner
     height, width = (base.max(axis=0) + n).tolist()
@@ -165,7 +147,7 @@ def patches_at(solved: SolvedObject, positions_px: np.ndarray, n: int) -> np.nda
     frame (pixel (i, j) = obj(y - n/2 + i, x - n/2 + j)), fractional positions by Fourier
     shift of a window with a margin; the canvas is edge-padded so every window exists."""
     margin = 8
-    base, frac = _tops(positions_px, n)
+    base, frac = pattern_corners(positions_px, n)
     base = base - solved.corner_px
     # pad so that every window exists, also for positions the solve did not use
     h, w = solved.obj.shape

@@ -29,7 +29,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,7 @@ from runtime.physics_check import (
     compare_with_training,
     open_physics,
 )
+from runtime.refine import RefineOptions, refine_object, refine_report
 from runtime.report_io import write_json
 from runtime.runner import Runner
 from runtime.scan import ScanData
@@ -171,12 +172,13 @@ def _progress(enabled: bool) -> Any:
 
 
 def _write_outputs(folder: Path, stitched: StitchedObject, well_lit: np.ndarray,
-                   report: dict[str, Any]) -> None:
+                   report: dict[str, Any], network_obj: np.ndarray | None = None) -> None:
     obj = stitched.obj
+    extra = {} if network_obj is None else {"network_object": network_obj}
     np.savez(folder / "object.npz", object=obj, mask=well_lit,
              origin_px=np.asarray(stitched.origin_px, dtype=np.int64), weight=stitched.weight,
              amplitude=np.abs(obj).astype(np.float32),
-             phase=np.angle(obj).astype(np.float32))
+             phase=np.angle(obj).astype(np.float32), **extra)
     save_png(folder / "amplitude.png", amplitude_figure(obj, well_lit, 512))
     save_png(folder / "phase.png", phase_figure(obj, well_lit, 512))
     write_json(folder / "report.json", report)
@@ -286,6 +288,9 @@ class RunOptions:
     each batch in a helper thread while the next one is inferred (:class:`BatchStitcher`);
     by default only on a GPU, where the CPU is otherwise idle during inference.
     ``max_residual`` fails the run (exit 6, after writing) above that median R-factor.
+    ``refine`` > 0 refines the stitched object through the scan's own measurements for that
+    many iterations (runtime.refine) before it is scored and written; the network's own
+    object is kept beside it.
     """
 
     provider: str = "auto"
@@ -301,6 +306,7 @@ class RunOptions:
     overlap_stitch: bool | None = None
     force: bool = False
     max_residual: float | None = None
+    refine: int = 0
 
     def check(self) -> None:
         """Options wrong on their own, found before anything is read."""
@@ -310,6 +316,9 @@ class RunOptions:
         check_format(self.model_format)
         if self.batch_size is not None and self.batch_size < 1:
             raise RunUsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        refine = self.refine
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise RunUsageError(f"--refine must be an integer >= 0 (iterations), got {refine!r}")
         if self.subpixel is not None and self.subpixel not in SUBPIXEL_METHODS:
             raise RunUsageError(f"--subpixel {self.subpixel!r}: choose one of "
                                 f"{', '.join(SUBPIXEL_METHODS)}")
@@ -463,6 +472,9 @@ class Inference:
     seconds: dict[str, float]
     consistency: ConsistencyAccumulator | None
     consistency_report: dict[str, Any]
+    # set by refine_stage: the network's own stitched object, and how the refinement went
+    network_obj: np.ndarray | None = None
+    refine_report: dict[str, Any] | None = None
 
 
 def infer_stage(plan: RunPlan, engine: Engine) -> Inference:
@@ -518,6 +530,25 @@ def infer_stage(plan: RunPlan, engine: Engine) -> Inference:
                      {"inference": infer_s, "stitch": stitch_s}, consistency, report)
 
 
+def refine_stage(plan: RunPlan, inference: Inference) -> None:
+    """With ``--refine N``: the stitched object refined through the measured patterns
+    (runtime.refine), in place of the network's, which is kept as ``network_obj``."""
+    iterations = plan.options.refine
+    if iterations == 0:
+        return
+    scan, stitched = plan.scan, inference.stitched
+    try:
+        refined = refine_object(stitched.obj, stitched.weight, stitched.origin_px,
+                                scan.amplitudes, scan.probe, scan.positions_px,
+                                RefineOptions(iterations))
+    except ValueError as err:
+        raise DataError(f"{plan.data_path}: cannot refine the object: {err}") from err
+    inference.network_obj = stitched.obj
+    inference.stitched = replace(stitched, obj=refined.obj)
+    inference.seconds["refine"] = refined.seconds
+    inference.refine_report = refine_report(refined)
+
+
 def _consistency_report(plan: RunPlan, engine: Engine, consistency: ConsistencyAccumulator,
                         infer_s: float) -> dict[str, Any]:
     report = consistency.report(plan.anchor_positions)
@@ -556,6 +587,9 @@ def build_report(plan: RunPlan, engine: Engine, inference: Inference,
     stitched, well_lit = inference.stitched, inference.well_lit
     infer_s = inference.seconds["inference"]
     quality = quality_report(stitched, well_lit, scan.object_truth)
+    network_quality = (None if inference.network_obj is None else
+                       quality_report(replace(stitched, obj=inference.network_obj), well_lit,
+                                      scan.object_truth))
     product = plan.options.inputs.ptychodus_product
     return {
         "producer": RUN_PRODUCER,
@@ -579,14 +613,16 @@ def build_report(plan: RunPlan, engine: Engine, inference: Inference,
         "stitch": {"subpixel": plan.subpixel, "subpixel_reason": plan.subpixel_reason,
                    "crop": inference.crop, "weights": "|probe|^2",
                    "overlapped_with_inference": inference.overlap},
-        "seconds": {"inference": round(infer_s, 4),
-                    "stitch": round(inference.seconds["stitch"], 4)},
+        "seconds": {name: round(value, 4) for name, value in inference.seconds.items()},
         "patterns_per_s": round(plan.total / infer_s, 1) if infer_s > 0 else None,
         "object": {"shape": list(stitched.obj.shape), "origin_px": list(stitched.origin_px),
                    "well_lit_pixels": int(well_lit.sum()),
                    "well_lit_threshold": WELL_LIT_THRESHOLD},
         "self_check": check if check is not None else {"status": "SKIPPED"},
         "quality": quality,
+        # the network's object before --refine (the figures above are then the refined one's)
+        "quality_network": network_quality,
+        "refine": inference.refine_report or {"iterations": 0},
         "consistency": inference.consistency_report,
         "outdir": str(plan.outdir),
         "files": list(OUTPUT_FILES) + (["consistency.png"]
@@ -605,7 +641,8 @@ def write_stage(plan: RunPlan, inference: Inference, report: dict[str, Any]) -> 
     except OSError as err:  # the error names the folder the user asked for
         raise naming(err, outdir) from err
     try:
-        _write_outputs(tmp, inference.stitched, inference.well_lit, report)
+        _write_outputs(tmp, inference.stitched, inference.well_lit, report,
+                       inference.network_obj)
         if inference.consistency is not None:
             stitched = inference.stitched
             save_consistency_png(tmp / "consistency.png", np.abs(stitched.obj),
@@ -658,6 +695,7 @@ def run_scan(artifact: str | os.PathLike[str], data_path: str | os.PathLike[str]
         engine = open_engine(plan, session_cache)
         check = self_check_stage(plan, engine)
         inference = infer_stage(plan, engine)
+        refine_stage(plan, inference)
         report = build_report(plan, engine, inference, check)
         report["seconds"]["total"] = round(time.perf_counter() - started, 4)
         write_stage(plan, inference, report)

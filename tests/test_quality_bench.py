@@ -29,6 +29,13 @@ def test_quick_quality_bench_writes_table_json_and_frc_plot(tmp_path):
     table = (tmp_path / "quality-t.md").read_text()
     assert "| smooth | 1e+06 | 1 | unet-tiny |" in table
     assert (tmp_path / "quality-t-frc.png").stat().st_size > 1000
+    # ptycho-run --refine 30 (the bench's default) beside the network alone, and from flat
+    refine = case["refine"]
+    assert refine["iterations"] == 30
+    assert refine["r_factor_end"] < 0.8 * refine["r_factor_start"]
+    assert refine["quality"]["model"]["phase_corr"] > model["phase_corr"]
+    assert refine["flat_start"]["r_factor_end"] > 0
+    assert "## With `ptycho-run --refine 30`" in table
 
 
 def test_quick_warm_start_bench_writes_warm_cold_and_untrained_rows(tmp_path):

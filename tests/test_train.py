@@ -146,7 +146,8 @@ def test_quick_demo_runs_every_stage(tmp_path):
                  "demo_report.json", "export/model.onnx", "export/manifest.json",
                  "run_onnx/object.npz", "run_onnx/product.h5", "export/probe.npy",
                  "run_onnx/amplitude.png", "run_onnx/consistency.png",
-                 "run_smooth/consistency.png"):
+                 "run_smooth/consistency.png", "refined_amplitude.png", "refined_phase.png",
+                 "run_refined/object.npz"):
         assert (tmp_path / "demo" / name).is_file(), name
     consistency = report["consistency"]
     assert consistency["training_scan"]["median_r_factor"] > 0
@@ -156,6 +157,12 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert any("parity gate PASS" in line for line in lines)
     assert any("self-check PASS" in line for line in lines)
     assert report["stitched_parity_onnx_vs_eager"]["rel_max"] < 1e-5
+    # ptycho-run --refine: the fit to the measurements improves, and is scored
+    refined = report["refined"]
+    assert refined["iterations"] == 30
+    assert refined["r_factor"]["end"] < 0.8 * refined["r_factor"]["start"]
+    assert refined["quality"]["model"]["phase_corr"] > report["quality"]["model"]["phase_corr"]
+    assert any("[refine] ptycho-run --refine 30" in line for line in lines)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
