@@ -238,6 +238,9 @@ def _echo_run(report: dict[str, Any], outdir: Path) -> None:
 
             typer.echo(f"network alone, vs objectGuess: {summary_line(network)}")
         typer.echo("refined:")
+    else:
+        typer.echo("the network's object as it came; --refine 30 refines it through the "
+                   "scan's own measurements (seconds on the CPU)")
     _echo_quality(report.get("quality") or {})
     consistency = report.get("consistency") or {}
     if "r_factor" in consistency:

@@ -135,11 +135,10 @@ def demo_refine(out: Path, settings: DemoSettings, scan: ScanData, progress: boo
     truth = align_to_reference(crop_to(scan.object_truth, placed), obj, mask)
     save_side_by_side(out, obj, truth, mask, prefix="refined_")
     quality = report["quality"]
-    if quality.get("model"):
-        log(f"[refine] ptycho-run --refine {settings.refine}: R-factor "
-            f"{section['r_factor']['start']:.3f} -> {section['r_factor']['end']:.3f} in "
-            f"{section['seconds']:.1f} s; {summary_line(quality)} -> "
-            f"{out / 'refined_amplitude.png'}")
+    log(f"[refine] ptycho-run --refine {settings.refine}: R-factor "
+        f"{section['r_factor']['start']:.3f} -> {section['r_factor']['end']:.3f} (whole scan) "
+        f"in {section['seconds']:.1f} s -> {out / 'refined_amplitude.png'}, "
+        f"{out / 'refined_phase.png'}")
     return {"iterations": settings.refine, "seconds": section["seconds"],
             "r_factor": {k: section["r_factor"][k] for k in ("start", "end")},
             "quality": quality, "run": str(out / "run_refined")}
@@ -220,7 +219,10 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
               if result.history else None}
     write_json(out / "demo_report.json", report)
     if quality.get("ground_truth"):
-        log(f"quality vs ground truth: {summary_line(quality)}")
+        log(f"quality vs ground truth, the network alone: {summary_line(quality)}")
+    if (refined["quality"] or {}).get("model"):
+        log(f"quality vs ground truth, refined {refined['iterations']} iterations: "
+            f"{summary_line(refined['quality'])}")
     for text in quality.get("warnings", []):
         log(f"warning: {text}")
     return report

@@ -169,6 +169,8 @@ def _fit_scale(geometry: _Geometry, canvas: np.ndarray, amplitudes: Any) -> floa
         power += float((far * far).sum(dtype=np.float64))
     if not power > 0.0:
         raise ValueError("the start object predicts no diffracted light at all")
+    if not cross > 0.0:
+        raise ValueError("the measured amplitudes hold no light the start predicts")
     return cross / power
 
 

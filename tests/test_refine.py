@@ -178,6 +178,14 @@ def test_bad_options_are_refused(case, options, match):
                       case["probe"], case["positions"], options)
 
 
+def test_dark_measurements_are_refused_not_divided_by(case):
+    flat = case["flat"]
+    with pytest.raises(ValueError, match="no light"):
+        refine_object(flat.obj, flat.weight, flat.origin_px,
+                      np.zeros_like(case["amplitudes"]), case["probe"], case["positions"],
+                      RefineOptions(3))
+
+
 # --------------------------------------------------------------------- ptycho-run --refine
 
 
@@ -221,3 +229,20 @@ def test_run_refuses_negative_refine(exported, trained_bundle, tmp_path):
         run_scan(exported, trained_bundle.parent / "scan.npz", tmp_path / "o",
                  provider="cpu", progress=False, refine=-2)
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refine_prints_both_figures_and_refuses_a_negative_count(exported, trained_bundle,
+                                                                     tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.run import app
+
+    scan = str(trained_bundle.parent / "scan.npz")
+    result = CliRunner().invoke(app, [str(exported), scan, "-o", str(tmp_path / "r"),
+                                      "--refine", "12", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "refined 12 iterations in" in result.output
+    assert "network alone, vs objectGuess: amplitude SSIM" in result.output
+    bad = CliRunner().invoke(app, [str(exported), scan, "-o", str(tmp_path / "b"),
+                                   "--refine", "-1"])
+    assert bad.exit_code == 2 and not (tmp_path / "b").exists()
