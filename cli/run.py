@@ -125,8 +125,9 @@ def run_command(
     refine: Annotated[int, typer.Option(
         min=0, metavar="ITERATIONS",
         help="Refine the network's stitched object through the scan's own measurements for "
-        "this many iterations (numpy, on the CPU; 20-50 reach the data's noise floor on a "
-        "well-overlapped scan). object.npz keeps the network's object as network_object; "
+        "at most this many iterations, stopping once the R-factor has stopped falling (0.1 %% "
+        "over 5); numpy, on the CPU: 20-50 reach the data's noise floor on a "
+        "well-overlapped scan. object.npz keeps the network's object as network_object; "
         "report.json scores both.")] = 0,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace -o even when it is a folder ptycho-run did not write "
@@ -230,8 +231,9 @@ def _echo_run(report: dict[str, Any], outdir: Path) -> None:
     refined = report.get("refine") or {}
     if refined.get("iterations"):
         r = refined["r_factor"]
-        typer.echo(f"refined {refined['iterations']} iterations in {refined['seconds']:.2f} s: "
-                   f"R-factor {r['start']:.3f} -> {r['end']:.3f} (whole scan)")
+        typer.echo(f"refined {refined['iterations']} iterations in {refined['seconds']:.2f} s "
+                   f"({refined['stopped']}): R-factor {r['start']:.3f} -> {r['end']:.3f} "
+                   "(whole scan)")
         network = report.get("quality_network") or {}
         if network.get("model"):
             from runtime.image_quality import summary_line

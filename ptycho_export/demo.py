@@ -135,11 +135,12 @@ def demo_refine(out: Path, settings: DemoSettings, scan: ScanData, progress: boo
     truth = align_to_reference(crop_to(scan.object_truth, placed), obj, mask)
     save_side_by_side(out, obj, truth, mask, prefix="refined_")
     quality = report["quality"]
-    log(f"[refine] ptycho-run --refine {settings.refine}: R-factor "
-        f"{section['r_factor']['start']:.3f} -> {section['r_factor']['end']:.3f} (whole scan) "
-        f"in {section['seconds']:.1f} s -> {out / 'refined_amplitude.png'}, "
+    log(f"[refine] ptycho-run --refine {settings.refine}: {section['iterations']} iterations, "
+        f"R-factor {section['r_factor']['start']:.3f} -> {section['r_factor']['end']:.3f} "
+        f"(whole scan) in {section['seconds']:.1f} s -> {out / 'refined_amplitude.png'}, "
         f"{out / 'refined_phase.png'}")
-    return {"iterations": settings.refine, "seconds": section["seconds"],
+    return {"max_iterations": settings.refine, "iterations": section["iterations"],
+            "seconds": section["seconds"],
             "r_factor": {k: section["r_factor"][k] for k in ("start", "end")},
             "quality": quality, "run": str(out / "run_refined")}
 
@@ -221,7 +222,7 @@ def run_demo(outdir: str | os.PathLike = "artifacts/demo", settings: DemoSetting
     if quality.get("ground_truth"):
         log(f"quality vs ground truth, the network alone: {summary_line(quality)}")
     if (refined["quality"] or {}).get("model"):
-        log(f"quality vs ground truth, refined {refined['iterations']} iterations: "
+        log(f"quality vs ground truth, refined ({refined['iterations']} iterations): "
             f"{summary_line(refined['quality'])}")
     for text in quality.get("warnings", []):
         log(f"warning: {text}")

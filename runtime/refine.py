@@ -78,11 +78,22 @@ def shifted_probes(probe: np.ndarray, frac: np.ndarray) -> np.ndarray:
     return out
 
 
+# converged: the whole-scan R-factor fell by less than this fraction over WINDOW iterations
+TOLERANCE = 1e-3
+WINDOW = 5
+
+
 @dataclass(frozen=True)
 class RefineOptions:
+    """``iterations`` is the most that run; the refinement stops earlier once it has
+    converged (the R-factor fell by less than ``tolerance`` of itself over the last
+    ``window`` iterations; ``tolerance`` 0 runs them all)."""
+
     iterations: int
     alpha: float = ALPHA
     momentum: float = MOMENTUM
+    tolerance: float = TOLERANCE
+    window: int = WINDOW
 
     def check(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) \
@@ -92,6 +103,20 @@ class RefineOptions:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not self.alpha > 0.0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ValueError(f"tolerance must be in [0, 1), got {self.tolerance}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) \
+                or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+
+    def converged(self, history: list[float]) -> bool:
+        """True once the last ``window`` iterations lowered the best R-factor by less than
+        ``tolerance`` of it (``history``: R before each iteration, then the latest)."""
+        k = len(history) - 1  # iterations run
+        if self.tolerance <= 0.0 or k < self.window:
+            return False
+        before = min(history[: k - self.window + 1])
+        return min(history[k - self.window + 1 :]) > before * (1.0 - self.tolerance)
 
 
 @dataclass
@@ -106,6 +131,18 @@ class Refined:
     restarts: int
     seconds: float
     options: RefineOptions = field(repr=False, default=RefineOptions(0))
+
+    @property
+    def iterations(self) -> int:
+        """Iterations run (fewer than asked when it converged first)."""
+        return len(self.r_factor) - 1
+
+    @property
+    def stopped(self) -> str:
+        if self.iterations < self.options.iterations:
+            return (f"converged: the R-factor fell by less than {self.options.tolerance:.1%} "
+                    f"over the last {self.options.window} iterations")
+        return "ran the iterations asked"
 
 
 class _Geometry:
@@ -179,7 +216,8 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
                   options: RefineOptions) -> Refined:
     """Refine the stitched ``obj`` (H, W; ``weight`` > 0 where visited, ``origin_px`` the
     object pixel of obj[0, 0] in the positions' frame) through the measured ``amplitudes``
-    (M, N, N, centred, may be a memory map) for ``options.iterations`` iterations.
+    (M, N, N, centred, may be a memory map), for at most ``options.iterations`` iterations
+    (see :class:`RefineOptions` for the stop).
 
     Returns the refined canvas in the same frame (0 where the start was unvisited)."""
     options.check()
@@ -223,7 +261,7 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
         history.append(misfit / total if total > 0 else float("nan"))
         if iteration == 0:
             pattern_r_start = pattern_r.copy()
-        if iteration == options.iterations:
+        if iteration == options.iterations or options.converged(history):
             break
         if len(history) > 1 and history[-1] > history[-2]:
             velocity[:] = 0  # adaptive restart: momentum overshot
@@ -250,7 +288,10 @@ def refine_report(refined: Refined) -> dict[str, Any]:
     curve (the R-factor is runtime.consistency's, sum |a - p| / sum a)."""
     options = refined.options
     return {
-        "iterations": options.iterations,
+        "iterations": refined.iterations,
+        "max_iterations": options.iterations,
+        "stopped": refined.stopped,
+        "tolerance": options.tolerance, "window": options.window,
         "method": "parallel error-reduction update (amplitude misfit, illumination-"
                   "preconditioned), Nesterov momentum with adaptive restart",
         "momentum": options.momentum, "alpha": options.alpha,

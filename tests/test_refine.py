@@ -130,8 +130,8 @@ def test_a_better_start_gets_further_in_the_same_iterations(case):
     truth = _truth_on(flat, case["truth"])
     k = np.fft.fftfreq(truth.shape[0])[:, None] ** 2 + np.fft.fftfreq(truth.shape[1])[None] ** 2
     blurred = np.fft.ifft2(np.fft.fft2(truth) * np.exp(-k / (2 * 0.06**2))).astype(np.complex64)
-    from_blurred = _refine(case, blurred, 10)
-    from_flat = _refine(case, flat.obj, 10)
+    from_blurred = _refine(case, blurred, 10, tolerance=0.0)
+    from_flat = _refine(case, flat.obj, 10, tolerance=0.0)
     assert from_blurred.r_factor[0] < from_flat.r_factor[0]
     assert from_blurred.r_factor[-1] < 0.5 * from_flat.r_factor[-1]
 
@@ -152,8 +152,8 @@ def test_chunking_memory_map_and_probe_cache_do_not_change_the_result(case, tmp_
 
 def test_momentum_speeds_the_descent(case):
     flat = case["flat"]
-    plain = _refine(case, flat.obj, 30, momentum=0.0)
-    fast = _refine(case, flat.obj, 30)
+    plain = _refine(case, flat.obj, 30, momentum=0.0, tolerance=0.0)
+    fast = _refine(case, flat.obj, 30, tolerance=0.0)
     assert fast.r_factor[-1] < 0.5 * plain.r_factor[-1]
 
 
@@ -168,9 +168,31 @@ def test_shifted_probe_moves_the_probe_by_its_fraction():
     assert com[1] - com[0] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_it_stops_once_converged_and_says_so(case):
+    """On noisy counts (1e5 photons per pattern) the misfit levels off at the noise; on
+    noise-free data it would fall for ever."""
+    flat = case["flat"]
+    amplitudes = case["amplitudes"].astype(np.float64)
+    per_photon = 1e5 / (amplitudes**2).sum(axis=(1, 2)).mean()
+    counts = np.random.default_rng(5).poisson(amplitudes**2 * per_photon)
+    case = {**case, "amplitudes": np.sqrt(counts / per_photon).astype(np.float32)}
+    stopped = _refine(case, flat.obj, 400)
+    assert 10 < stopped.iterations < 400
+    assert stopped.stopped.startswith("converged")
+    r = stopped.r_factor
+    assert min(r[-5:]) > min(r[:-5]) * (1 - 1e-3)  # the rule, as documented
+    assert min(r[-6:-1]) <= min(r[:-6]) * (1 - 1e-3)  # and not one iteration earlier
+    full = _refine(case, flat.obj, stopped.iterations + 20, tolerance=0.0)
+    assert full.iterations == stopped.iterations + 20
+    assert full.stopped == "ran the iterations asked"
+    # what the early stop leaves on the table: under 1 % of the misfit
+    assert full.r_factor[-1] > stopped.r_factor[-1] * (1 - 0.01)
+
+
 @pytest.mark.parametrize("options, match", [
     (RefineOptions(-1), "iterations"), (RefineOptions(True), "iterations"),
-    (RefineOptions(5, momentum=1.0), "momentum"), (RefineOptions(5, alpha=0.0), "alpha")])
+    (RefineOptions(5, momentum=1.0), "momentum"), (RefineOptions(5, alpha=0.0), "alpha"),
+    (RefineOptions(5, tolerance=-0.1), "tolerance"), (RefineOptions(5, window=0), "window")])
 def test_bad_options_are_refused(case, options, match):
     flat = case["flat"]
     with pytest.raises(ValueError, match=match):
@@ -207,9 +229,10 @@ def test_run_refine_scores_both_objects_and_keeps_the_networks(exported, trained
     report = run_scan(exported, scan, tmp_path / "refined", provider="cpu", progress=False,
                       refine=40)
     assert plain["refine"] == {"iterations": 0} and plain["quality_network"] is None
-    assert report["refine"]["iterations"] == 40
+    assert report["refine"]["max_iterations"] == 40
     r = report["refine"]["r_factor"]
-    assert len(r["curve"]) == 41 and r["end"] < 0.7 * r["start"]
+    assert len(r["curve"]) == report["refine"]["iterations"] + 1
+    assert r["end"] < 0.7 * r["start"]
     network, refined = report["quality_network"]["model"], report["quality"]["model"]
     # the network's figures are the plain run's, the refined ones better
     assert network["phase_corr"] == pytest.approx(plain["quality"]["model"]["phase_corr"])

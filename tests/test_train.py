@@ -159,7 +159,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
     assert report["stitched_parity_onnx_vs_eager"]["rel_max"] < 1e-5
     # ptycho-run --refine: the fit to the measurements improves, and is scored
     refined = report["refined"]
-    assert refined["iterations"] == 30
+    assert refined["max_iterations"] == 30 and 5 <= refined["iterations"] <= 30
     assert refined["r_factor"]["end"] < 0.8 * refined["r_factor"]["start"]
     assert refined["quality"]["model"]["phase_corr"] > report["quality"]["model"]["phase_corr"]
     assert any("[refine] ptycho-run --refine 30" in line for line in lines)
