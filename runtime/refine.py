@@ -5,9 +5,9 @@ a focused probe most of the detector is dark field that only phase retrieval can
 scan does, through the overlap of neighbouring spots. The network gives a good start in one
 pass; a few tens of iterations of the classic overlap-consistent update then take the object
 to what the data determine. On the quality benchmark's natural scan at 1e6 photons (2-core
-AMD EPYC): the network alone, amplitude SSIM 0.45; refined 20 iterations from it, 0.88; from
-a flat start the same 20 iterations give 0.50, and 200 give 0.87
-(``python -m bench.quality --refine``, docs/quality.md).
+AMD EPYC): the network alone, amplitude SSIM 0.45; 20 iterations from it, 0.874; from a
+flat start the same 20 iterations give 0.763, and 50 give 0.868 (the second table of
+``python -m bench.quality``, docs/quality.md).
 
 The update is the parallel form of the error-reduction step of ptychography, i.e. gradient
 descent on the amplitude misfit with the illumination as preconditioner. Per pattern j, with
