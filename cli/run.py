@@ -125,7 +125,7 @@ def run_command(
     refine: Annotated[int, typer.Option(
         min=0, metavar="ITERATIONS",
         help="Refine the network's stitched object through the scan's own measurements for "
-        "at most this many iterations, stopping once the R-factor has stopped falling (0.1 %% "
+        "at most this many iterations, stopping once the R-factor has stopped falling (0.1 % "
         "over 5); numpy, on the CPU: 20-50 reach the data's noise floor on a "
         "well-overlapped scan. object.npz keeps the network's object as network_object; "
         "report.json scores both.")] = 0,
