@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from runtime.consistency import distribution
 
 # illumination (summed |probe|^2 relative to its peak) at which a pixel's step is halved
 ALPHA = 0.05
@@ -130,7 +132,7 @@ class Refined:
     pattern_r_end: np.ndarray  # (M,) per-pattern R-factor of the result
     restarts: int
     seconds: float
-    options: RefineOptions = field(repr=False, default=RefineOptions(0))
+    options: RefineOptions
 
     @property
     def iterations(self) -> int:
@@ -158,12 +160,19 @@ class _Geometry:
         self.m = len(self.corner)
         cache = self.m * self.n * self.n * 8 <= PROBE_CACHE_BYTES
         self._probes = shifted_probes(self.probe, self.frac) if cache else None
-        self.scale = 1.0
+        self.scale = np.float32(1.0)
+
+    def rescale(self, scale: float) -> None:
+        """Put the probes into the measured amplitudes' units: the cache once, rebuilt
+        probes as they are made (the same arithmetic either way)."""
+        self.scale = np.float32(scale)
+        if self._probes is not None:
+            self._probes *= self.scale
 
     def probes(self, start: int, stop: int) -> np.ndarray:
-        part = (self._probes[start:stop] if self._probes is not None
-                else shifted_probes(self.probe, self.frac[start:stop]))
-        return part * np.float32(self.scale) if self.scale != 1.0 else part
+        if self._probes is not None:
+            return self._probes[start:stop]
+        return shifted_probes(self.probe, self.frac[start:stop]) * self.scale
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.m, CHUNK):
@@ -229,7 +238,8 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
     if (geometry.corner.min() < 0
             or np.any(geometry.corner.max(axis=0) + n > np.array(canvas.shape))):
         raise ValueError("a pattern's window lies outside the stitched canvas and its margin")
-    geometry.scale = _fit_scale(geometry, canvas, amplitudes)
+    scale = _fit_scale(geometry, canvas, amplitudes)
+    geometry.rescale(scale)
     lit = np.zeros(canvas.shape, dtype=np.float32)
     for start, stop in geometry.chunks():
         p = geometry.probes(start, stop)
@@ -271,16 +281,9 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
         canvas += step + options.momentum * velocity
     out = canvas[pad:-pad, pad:-pad].copy()
     out[np.asarray(weight) <= 0] = 0
-    return Refined(obj=out, scale=geometry.scale, r_factor=history,
+    return Refined(obj=out, scale=scale, r_factor=history,
                    pattern_r_start=pattern_r_start, pattern_r_end=pattern_r.copy(),
                    restarts=restarts, seconds=time.perf_counter() - started, options=options)
-
-
-def _distribution(values: np.ndarray) -> dict[str, float]:
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return {"median": float("nan"), "p95": float("nan")}
-    return {"median": float(np.median(finite)), "p95": float(np.percentile(finite, 95))}
 
 
 def refine_report(refined: Refined) -> dict[str, Any]:
@@ -299,8 +302,8 @@ def refine_report(refined: Refined) -> dict[str, Any]:
         "probe_scale": refined.scale,
         "r_factor": {"start": refined.r_factor[0], "end": refined.r_factor[-1],
                      "curve": [round(r, 6) for r in refined.r_factor]},
-        "pattern_r_factor": {"start": _distribution(refined.pattern_r_start),
-                             "end": _distribution(refined.pattern_r_end)},
+        "pattern_r_factor": {"start": distribution(refined.pattern_r_start),
+                             "end": distribution(refined.pattern_r_end)},
         "seconds": round(refined.seconds, 4),
         "start": "the network's stitched object",
     }

@@ -316,9 +316,10 @@ class RunOptions:
         check_format(self.model_format)
         if self.batch_size is not None and self.batch_size < 1:
             raise RunUsageError(f"--batch-size must be >= 1, got {self.batch_size}")
-        refine = self.refine
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise RunUsageError(f"--refine must be an integer >= 0 (iterations), got {refine!r}")
+        try:
+            RefineOptions(self.refine).check()
+        except ValueError as err:
+            raise RunUsageError(f"--refine: {err}") from err
         if self.subpixel is not None and self.subpixel not in SUBPIXEL_METHODS:
             raise RunUsageError(f"--subpixel {self.subpixel!r}: choose one of "
                                 f"{', '.join(SUBPIXEL_METHODS)}")
