@@ -28,10 +28,13 @@ Units: the network's object and the scan's probe need not be in the measured amp
 units, so one global factor (least squares between predicted and measured amplitudes at the
 start) scales the probe before the first step.
 
-Fractional positions are exact, as in the training's object solve: the exit wave
-P(r) O(r + t), t = floor(t) + f, has the same far-field intensity as P(r - f) O(r + floor(t)),
-so each pattern's probe is Fourier-shifted by its fraction and the object is cut at whole
-pixels.
+Fractional positions, as in the training's object solve: the exit wave
+P(r) O(r + t), t = floor(t) + f, has the same far-field intensity as P(r - f) O(r + floor(t))
+when the product is band-limited to the pixel grid, so each pattern's probe is
+Fourier-shifted by its fraction and the object is cut at whole pixels. For objects with
+content near Nyquist (sharp edges, steep phase) the two alias differently, and moving the
+object is the closer model: ``python -m bench.refine_ceiling`` measures what that costs
+(docs/quality.md, "What stops it short of SSIM 0.9").
 """
 
 from __future__ import annotations
