@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import check_kinds, results_header
+from bench.common import QUICK_SCAN, check_kinds, results_header
 from bench.forward_model import (
     MARGIN,
     OBJECT_KINDS,
@@ -65,12 +65,12 @@ def _band(n: int) -> np.ndarray:
                            np.nonzero((k < 0) & (k >= -n / 2))[0]])
 
 
-def convention_mismatch(kind: str, spec: ScanSpec, patterns: int = 60) -> dict[str, float]:
+def convention_mismatch(spec: ScanSpec, patterns: int = 60) -> dict[str, float]:
     """Noise-free R-factors of the object-shift and probe-shift far fields against the
     band-exact one, over the first ``patterns`` positions of the scan."""
     from runtime.refine import pattern_corners, shifted_probes
 
-    obj = make_object(kind, spec.object_px, spec.seed)
+    obj = make_object(spec.kind, spec.object_px, spec.seed)
     probe = make_probe(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
     positions = scan_positions(spec, np.random.default_rng(spec.seed + 1))[:patterns]
     padded = np.pad(obj, MARGIN, mode="reflect")
@@ -168,13 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     check_kinds(parser, kinds)
     if args.iterations < 1:
         parser.error("--iterations must be >= 1")
-    from bench.common import QUICK_SCAN
-
     base = QUICK_SCAN if args.quick else ScanSpec()
     results = results_header("bench.refine_ceiling", args.machine, argv)
     results["iterations"] = args.iterations
-    results["mismatch"] = {kind: convention_mismatch(kind, ScanSpec(**{**base.to_dict(),
-                                                                      "kind": kind}))
+    results["mismatch"] = {kind: convention_mismatch(ScanSpec(**{**base.to_dict(),
+                                                                "kind": kind}))
                            for kind in kinds}
     for kind in kinds:
         for photons in (float(d) for d in args.doses.split(",")):

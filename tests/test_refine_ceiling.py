@@ -14,7 +14,7 @@ from bench.refine_ceiling import convention_mismatch, main
 def test_object_shift_is_closer_to_the_band_exact_far_field():
     """On sharp discs, shifting the probe aliases more than shifting the object."""
     spec = ScanSpec(**{**QUICK_SCAN.to_dict(), "kind": "sparse"})
-    mismatch = convention_mismatch("sparse", spec, patterns=12)
+    mismatch = convention_mismatch(spec, patterns=12)
     assert mismatch["r_object_shift_vs_exact"] < 0.7 * mismatch["r_probe_shift_vs_exact"]
     assert mismatch["r_probe_shift_vs_exact"] > 0.01
 
