@@ -20,6 +20,17 @@ Object kinds (amplitude range, phase range):
 - ``sparse``: a flat object with a few dozen discs and points of different sizes;
 - ``strong-phase``: the natural pair with phase +-2.5 rad;
 - ``weak-phase``: the natural pair with phase +-0.15 rad (nearly a pure amplitude object).
+
+Two far-field models (``ScanSpec.model``):
+- ``fourier``: the object on the pixel grid, moved by a Fourier shift of a window cut
+  MARGIN px wider (which treats the object as band-limited to the grid), times the probe,
+  and the DFT of that product (aliasing included);
+- ``fine-grid``: the physical one. The object is made on a grid FINE times finer (FINE
+  odd, so coarse pixel i is centred on fine pixel FINE * i); positions are rounded to
+  1/FINE px, so the probe (band-limited: Fourier-upsampled) moves over a fixed object; the
+  far field of the fine exit wave is computed and only the detector's N x N band is kept
+  (nothing aliases). ``objectGuess`` is the fine object averaged over each coarse pixel.
+  Neither refinement convention (object or probe moved on the coarse grid) is this model.
 """
 
 from __future__ import annotations
@@ -30,6 +41,9 @@ import numpy as np
 
 OBJECT_KINDS = ("natural", "smooth", "sparse", "strong-phase", "weak-phase")
 PROBE_KINDS = ("pupil", "disc")
+MODELS = ("fourier", "fine-grid")
+# the fine-grid model's subdivision of a pixel (odd: coarse pixel centres on fine pixels)
+FINE = 5
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,7 @@ class ScanSpec:
     # spot with rings); "disc": a sharp-edged disc of the diameter in the sample plane with
     # defocus_rad of quadratic phase at its rim (make_disc_probe, a broad far field)
     probe_kind: str = "pupil"
+    model: str = "fourier"  # or "fine-grid" (see the module docstring)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,17 +103,30 @@ def _natural_pair(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return _photo(amplitude, size), _photo(phase, size)
 
 
-def _smooth_field(size: int, rng: np.random.Generator, feature_px: float) -> np.ndarray:
+def _smooth_field(size: int, rng: np.random.Generator, feature_px: float,
+                  fine: int = 1) -> np.ndarray:
+    """Low-passed noise drawn on the coarse grid; ``fine`` > 1 samples the same
+    (band-limited, periodic) field on a grid that much finer."""
     noise = rng.standard_normal((size, size))
     k = np.fft.fftfreq(size)
     kk = k[:, None] ** 2 + k[None, :] ** 2
-    filtered = np.fft.ifft2(np.fft.fft2(noise) * np.exp(-kk * (np.pi * feature_px) ** 2 / 2))
-    return _unit(filtered.real)
+    spectrum = np.fft.fft2(noise) * np.exp(-kk * (np.pi * feature_px) ** 2 / 2)
+    if fine > 1:
+        big = np.zeros((size * fine, size * fine), dtype=np.complex128)
+        big[np.ix_(_low(size, fine), _low(size, fine))] = spectrum
+        return _unit(np.fft.ifft2(big).real)
+    return _unit(np.fft.ifft2(spectrum).real)
 
 
-def _sparse_field(size: int, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size]
-    field = np.zeros((size, size))
+def _low(size: int, fine: int) -> np.ndarray:
+    """Where a size-point DFT's frequencies sit in a (size * fine)-point DFT."""
+    k = np.fft.fftfreq(size) * size
+    return np.where(k >= 0, k, k + size * fine).astype(int)
+
+
+def _sparse_field(size: int, rng: np.random.Generator, fine: int = 1) -> np.ndarray:
+    yy, xx = np.mgrid[0 : size * fine, 0 : size * fine] / fine
+    field = np.zeros(yy.shape)
     for _ in range(40):
         cy, cx = rng.uniform(0, size, 2)
         radius = rng.choice([1.0, 2.0, 4.0, 8.0])
@@ -106,17 +134,20 @@ def _sparse_field(size: int, rng: np.random.Generator) -> np.ndarray:
     return field
 
 
-def make_object(kind: str, size: int, seed: int = 0) -> np.ndarray:
-    """Complex (size, size) object of one of :data:`OBJECT_KINDS`."""
+def make_object(kind: str, size: int, seed: int = 0, fine: int = 1) -> np.ndarray:
+    """Complex (size * fine, size * fine) object of one of :data:`OBJECT_KINDS` (``fine``
+    > 1: the same object on a grid that much finer, pixel i of the coarse one at fine
+    pixel fine * i)."""
     rng = np.random.default_rng(seed)
     if kind in ("natural", "strong-phase", "weak-phase"):
-        amp_map, phase_map = _natural_pair(size, seed)
+        amp_map, phase_map = _natural_pair(size * fine, seed)
         phase_span = {"natural": 0.6, "strong-phase": 2.5, "weak-phase": 0.15}[kind]
     elif kind == "smooth":
-        amp_map, phase_map = _smooth_field(size, rng, 12.0), _smooth_field(size, rng, 12.0)
+        amp_map = _smooth_field(size, rng, 12.0, fine)
+        phase_map = _smooth_field(size, rng, 12.0, fine)
         phase_span = 0.6
     elif kind == "sparse":
-        amp_map, phase_map = 1.0 - _sparse_field(size, rng), _sparse_field(size, rng)
+        amp_map, phase_map = 1.0 - _sparse_field(size, rng, fine), _sparse_field(size, rng, fine)
         phase_span = 0.6
     else:
         raise ValueError(f"unknown object kind {kind!r}; choose one of {OBJECT_KINDS}")
@@ -184,24 +215,79 @@ def fourier_patch(padded: np.ndarray, centre: np.ndarray, n: int) -> np.ndarray:
     return shifted[margin : margin + n, margin : margin + n]
 
 
-def simulate(spec: ScanSpec) -> dict[str, np.ndarray]:
-    """The npz arrays of one scan (float64 diffraction amplitudes, complex128 probe/object)."""
-    rng = np.random.default_rng(spec.seed + 1)
-    obj = make_object(spec.kind, spec.object_px, spec.seed)
+def _probe(spec: ScanSpec) -> np.ndarray:
     if spec.probe_kind not in PROBE_KINDS:
         raise ValueError(f"probe_kind must be one of {PROBE_KINDS}, got {spec.probe_kind!r}")
     make = make_probe if spec.probe_kind == "pupil" else make_disc_probe
-    probe = make(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
-    positions = scan_positions(spec, rng)
+    return make(spec.patch, spec.probe_diameter_px, spec.defocus_rad)
+
+
+def _counts(intensity: np.ndarray, photons: float, rng: np.random.Generator) -> np.ndarray:
+    flux = photons / intensity.sum(axis=(1, 2)).mean()
+    return rng.poisson(intensity * flux).astype(np.float64)
+
+
+def _fourier_intensity(spec: ScanSpec, probe: np.ndarray, positions: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    obj = make_object(spec.kind, spec.object_px, spec.seed)
     padded = np.pad(obj, MARGIN, mode="reflect")
     intensity = np.empty((len(positions), spec.patch, spec.patch))
     for m, centre in enumerate(positions):
         exit_wave = probe * fourier_patch(padded, centre, spec.patch)
         intensity[m] = np.abs(np.fft.fftshift(np.fft.fft2(exit_wave, norm="ortho"))) ** 2
-    flux = spec.photons / intensity.sum(axis=(1, 2)).mean()
-    counts = rng.poisson(intensity * flux).astype(np.float64)
+    return intensity, obj
+
+
+def upsample(field: np.ndarray, factor: int) -> np.ndarray:
+    """Band-limited (Fourier zero-padding) upsampling that keeps the sample values: sample
+    i of ``field`` is sample factor * i of the result."""
+    n = field.shape[-1]
+    big = np.zeros((n * factor, n * factor), dtype=np.complex128)
+    low = _low(n, factor)
+    big[np.ix_(low, low)] = np.fft.fft2(field)
+    return np.fft.ifft2(big) * factor * factor
+
+
+def detector_band(n: int, factor: int) -> np.ndarray:
+    """Indices of an (n * factor)-point DFT's frequencies that an n-pixel detector
+    records, in the n-point DFT's order."""
+    return _low(n, factor)
+
+
+def _fine_grid_intensity(spec: ScanSpec, probe: np.ndarray, positions: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    f, n = FINE, spec.patch
+    fine = make_object(spec.kind, spec.object_px, spec.seed, fine=f)
+    half = f // 2  # coarse pixel i averages fine pixels f*i - half .. f*i + half
+    shifted = np.roll(fine, (half, half), axis=(0, 1))
+    obj = shifted.reshape(spec.object_px, f, spec.object_px, f).mean(axis=(1, 3))
+    fine_probe = upsample(probe, f)
+    band = detector_band(n, f)
+    intensity = np.empty((len(positions), n, n))
+    for m, centre in enumerate(positions):
+        top = np.rint((centre - n / 2) * f).astype(int)
+        if top.min() < 0 or np.any(top + n * f > fine.shape[0]):
+            raise ValueError(f"patch at {centre} leaves the object")
+        exit_wave = fine_probe * fine[top[0] : top[0] + n * f, top[1] : top[1] + n * f]
+        far = np.fft.fft2(exit_wave)[np.ix_(band, band)] / (f * f * n)
+        intensity[m] = np.abs(np.fft.fftshift(far)) ** 2
+    return intensity, obj
+
+
+def simulate(spec: ScanSpec) -> dict[str, np.ndarray]:
+    """The npz arrays of one scan (float64 diffraction amplitudes, complex128 probe/object)."""
+    if spec.model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {spec.model!r}")
+    rng = np.random.default_rng(spec.seed + 1)
+    probe = _probe(spec)
+    positions = scan_positions(spec, rng)
+    if spec.model == "fine-grid":
+        positions = np.rint(positions * FINE) / FINE
+        intensity, obj = _fine_grid_intensity(spec, probe, positions)
+    else:
+        intensity, obj = _fourier_intensity(spec, probe, positions)
     return {
-        "diffraction": np.sqrt(counts),
+        "diffraction": np.sqrt(_counts(intensity, spec.photons, rng)),
         "probeGuess": probe,
         "objectGuess": obj,
         "xcoords": positions[:, 1].copy(),

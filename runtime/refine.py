@@ -11,15 +11,17 @@ flat start the same 20 iterations give 0.763, and 50 give 0.868 (the second tabl
 
 The update is the parallel form of the error-reduction step of ptychography, i.e. gradient
 descent on the amplitude misfit with the illumination as preconditioner. Per pattern j, with
-P_j its probe and O_j the object under it:
+A_j the linear map from the object to its exit wave (the probe times the object under it):
 
-    psi_j  = P_j O_j,   psi'_j = F^-1[ a_j F(psi_j) / |F(psi_j)| ]   (measured modulus in)
-    O     += sum_j conj(P_j) (psi'_j - psi_j) / (sum_j |P_j|^2 + ALPHA max sum_j |P_j|^2)
+    psi_j  = A_j O,   psi'_j = F^-1[ a_j F(psi_j) / |F(psi_j)| ]   (measured modulus in)
+    O     += tau sum_j A_j^H (psi'_j - psi_j) / (sum_j |P_j|^2 + ALPHA max sum_j |P_j|^2)
 
 summed over the whole scan before the object moves (so the result does not depend on the
 order the patterns are read in, and the stack can be streamed from disk), with Nesterov
-momentum and an adaptive restart (the velocity is dropped whenever the misfit rises). ALPHA
-keeps the pixels lit only by the probes' tails from moving on their tiny, noisy updates. A
+momentum and an adaptive restart (the velocity is dropped whenever the misfit rises; two
+rises running halve tau). ALPHA keeps the pixels lit only by the probes' tails from moving
+on their tiny, noisy updates. tau is 1 / (the largest eigenvalue of the preconditioned
+curvature sum_j A_j^H A_j), by power iteration: the largest stable step with momentum. A
 sequential (ePIE-like) variant with eight updates per pass was measured as well: it is
 faster at first, but it fits the noise of the last batch and stops at amplitude SSIM 0.82
 where the parallel update reaches 0.885, at the data's noise floor (R 0.031).
@@ -28,13 +30,18 @@ Units: the network's object and the scan's probe need not be in the measured amp
 units, so one global factor (least squares between predicted and measured amplitudes at the
 start) scales the probe before the first step.
 
-Fractional positions, as in the training's object solve: the exit wave
-P(r) O(r + t), t = floor(t) + f, has the same far-field intensity as P(r - f) O(r + floor(t))
-when the product is band-limited to the pixel grid, so each pattern's probe is
-Fourier-shifted by its fraction and the object is cut at whole pixels. For objects with
-content near Nyquist (sharp edges, steep phase) the two alias differently, and moving the
-object is the closer model: ``python -m bench.refine_ceiling`` measures what that costs
-(docs/quality.md, "What stops it short of SSIM 0.9").
+Fractional positions (``RefineOptions.shift``). "object" (the default): A_j cuts a window
+MARGIN px wider than the patch at whole pixels, Fourier-shifts it by the fraction, crops
+it and multiplies by the probe. "probe": each pattern's probe is Fourier-shifted by its
+fraction and the object cut at whole pixels, as in the training's object solve. For a
+product band-limited to the pixel grid the two give the same far field; for content near
+Nyquist (sharp edges, steep phase) they alias differently. ``python -m bench.refine_ceiling``
+measures both from the true object: on scans made by an object shift the probe shift stops
+at amplitude SSIM 0.56-0.69 (sparse, strong phase) where the object shift reaches 0.99; on
+physical scans (a 5x finer object, only the detector band kept) neither is the model, the
+object shift fits the data better (lower R) and the two score within 0.02 SSIM. The object
+shift costs about 2.5x the time: its near-Nyquist modes in dimly lit pixels raise the
+curvature to ~1.3 (ALPHA 0.5), where the probe shift's is exactly 1 / (1 + ALPHA).
 """
 
 from __future__ import annotations
@@ -45,15 +52,25 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import fft as scipy_fft
 
 from runtime.consistency import distribution
 
 # illumination (summed |probe|^2 relative to its peak) at which a pixel's step is halved
-ALPHA = 0.05
+ALPHA = 0.5
 MOMENTUM = 0.8
-# patterns per chunk: bounds the working arrays (a few (B, N, N) complex stacks)
+# patterns per chunk: bounds the working arrays (a few (B, N + 2 MARGIN, ...) complex stacks)
 CHUNK = 256
-# shifted probes are kept between iterations while they fit in this many bytes
+# the object window is cut this many pixels wider on every side before its fractional
+# shift, so the shift's circular wrap-around stays out of the patch
+MARGIN = 8
+# power iterations for the step size (the estimate approaches the largest eigenvalue from
+# below; momentum tolerates the few per cent it falls short)
+POWER_ITERATIONS = 12
+# scipy.fft threads (-1: all cores); numpy.fft is 3-5x slower on complex64 stacks
+FFT_WORKERS = -1
+# the probe-shift form keeps its shifted probes between iterations while they fit in this
 PROBE_CACHE_BYTES = 256 * 2**20
 # measured amplitudes are divided by the prediction's modulus, floored here (data units)
 MODULUS_FLOOR = 1e-6
@@ -99,6 +116,9 @@ class RefineOptions:
     momentum: float = MOMENTUM
     tolerance: float = TOLERANCE
     window: int = WINDOW
+    # what a fractional position moves: "object" (Fourier-shifted object windows, the
+    # closer fit) or "probe" (Fourier-shifted probes, about 2.5x faster)
+    shift: str = "object"
 
     def check(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) \
@@ -113,6 +133,8 @@ class RefineOptions:
         if isinstance(self.window, bool) or not isinstance(self.window, int) \
                 or self.window < 1:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.shift not in GEOMETRIES:
+            raise ValueError(f"shift must be one of {sorted(GEOMETRIES)}, got {self.shift!r}")
 
     def converged(self, history: list[float]) -> bool:
         """True once the last ``window`` iterations lowered the best R-factor by less than
@@ -136,6 +158,9 @@ class Refined:
     restarts: int
     seconds: float
     options: RefineOptions
+    eigenvalue: float  # largest eigenvalue of the preconditioned curvature (power iteration)
+    step_size: float  # the step the last iteration took (1 / eigenvalue, halved on trouble)
+    halvings: int  # times the step was halved because the misfit rose twice running
 
     @property
     def iterations(self) -> int:
@@ -150,9 +175,20 @@ class Refined:
         return "ran the iterations asked"
 
 
+def _fft2(a: np.ndarray, norm: str | None = None) -> np.ndarray:
+    return scipy_fft.fft2(a, norm=norm, workers=FFT_WORKERS)
+
+
+def _ifft2(a: np.ndarray, norm: str | None = None) -> np.ndarray:
+    return scipy_fft.ifft2(a, norm=norm, workers=FFT_WORKERS)
+
+
 class _Geometry:
-    """Where each pattern's window lies on the padded canvas, and its shifted probe (cached
-    while small, else rebuilt per chunk)."""
+    """Where each pattern's patch lies on the padded canvas, and the linear map A_j from the
+    canvas to pattern j's exit wave (with its adjoint); subclasses choose what the
+    fractional part of the position moves."""
+
+    diagonal = False  # A^H A is diagonal (then its largest eigenvalue is exact)
 
     def __init__(self, probe: np.ndarray, positions_px: np.ndarray, origin_px: tuple[int, int],
                  pad: int) -> None:
@@ -161,34 +197,152 @@ class _Geometry:
         self.corner = base - np.asarray(origin_px, dtype=np.int64) + pad
         self.probe = np.asarray(probe, dtype=np.complex64)
         self.m = len(self.corner)
-        cache = self.m * self.n * self.n * 8 <= PROBE_CACHE_BYTES
-        self._probes = shifted_probes(self.probe, self.frac) if cache else None
-        self.scale = np.float32(1.0)
+        self.reach = 0  # pixels beyond the patch on every side that A_j reads
 
     def rescale(self, scale: float) -> None:
-        """Put the probes into the measured amplitudes' units: the cache once, rebuilt
-        probes as they are made (the same arithmetic either way)."""
-        self.scale = np.float32(scale)
-        if self._probes is not None:
-            self._probes *= self.scale
-
-    def probes(self, start: int, stop: int) -> np.ndarray:
-        if self._probes is not None:
-            return self._probes[start:stop]
-        return shifted_probes(self.probe, self.frac[start:stop]) * self.scale
+        """Put the probe into the measured amplitudes' units."""
+        self.probe = self.probe * np.float32(scale)
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         for start in range(0, self.m, CHUNK):
             yield start, min(start + CHUNK, self.m)
 
-    def windows(self, canvas: np.ndarray, start: int, stop: int) -> np.ndarray:
-        n = self.n
-        return np.stack([canvas[y : y + n, x : x + n] for y, x in self.corner[start:stop]])
+    def _cuts(self, canvas: np.ndarray, start: int, stop: int, size: int) -> np.ndarray:
+        corner = self.corner[start:stop] - (size - self.n) // 2
+        return sliding_window_view(canvas, (size, size))[corner[:, 0], corner[:, 1]]
 
-    def scatter(self, canvas: np.ndarray, values: np.ndarray, start: int) -> None:
+    def _add(self, canvas: np.ndarray, values: np.ndarray, start: int) -> None:
+        size = values.shape[-1]
+        corner = self.corner[start : start + len(values)] - (size - self.n) // 2
+        for (y, x), v in zip(corner, values, strict=True):
+            canvas[y : y + size, x : x + size] += v
+
+    def exit_waves(self, canvas: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """(B, n, n) complex64: A_j applied to the canvas for patterns start..stop."""
+        raise NotImplementedError
+
+    def scatter(self, canvas: np.ndarray, residual: np.ndarray, start: int) -> None:
+        """canvas += sum_j A_j^H residual_j."""
+        raise NotImplementedError
+
+    def illumination(self, shape: tuple[int, int]) -> np.ndarray:
+        """Summed |probe|^2 over the patterns (the preconditioner's weight)."""
+        lit = np.zeros(shape, dtype=np.float32)
+        power = (self.probe.real ** 2 + self.probe.imag ** 2).astype(np.float32)
         n = self.n
-        for (y, x), v in zip(self.corner[start : start + len(values)], values, strict=True):
-            canvas[y : y + n, x : x + n] += v
+        for y, x in self.corner:
+            lit[y : y + n, x : x + n] += power
+        return lit
+
+    def normal(self, v: np.ndarray) -> np.ndarray:
+        """A^H A v: the misfit's curvature (the linear part of one update)."""
+        out = np.zeros_like(v)
+        for start, stop in self.chunks():
+            self.scatter(out, self.exit_waves(v, start, stop), start)
+        return out
+
+
+class _ObjectShift(_Geometry):
+    """The object moves: a window MARGIN px wider on every side of the patch, cut at whole
+    pixels, Fourier-shifted by the fractional position and cropped, times the probe."""
+
+    def __init__(self, probe: np.ndarray, positions_px: np.ndarray, origin_px: tuple[int, int],
+                 pad: int) -> None:
+        super().__init__(probe, positions_px, origin_px, pad)
+        self.whole_pixel = not np.any(self.frac)
+        self.diagonal = self.whole_pixel
+        self.reach = 0 if self.whole_pixel else MARGIN
+        k = np.fft.fftfreq(self.n + 2 * MARGIN)
+        ramp = [np.exp(2j * np.pi * k[None, :] * self.frac[:, axis, None]).astype(np.complex64)
+                for axis in (0, 1)]
+        self._ramp_y, self._ramp_x = ramp
+
+    def _ramps(self, start: int, stop: int) -> np.ndarray:
+        return self._ramp_y[start:stop, :, None] * self._ramp_x[start:stop, None, :]
+
+    def patches(self, canvas: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """(B, n, n): object pixel (y + f_y + i, x + f_x + j) for each pattern."""
+        n = self.n
+        if self.whole_pixel:
+            return self._cuts(canvas, start, stop, n)
+        windows = self._cuts(canvas, start, stop, n + 2 * MARGIN)
+        shifted = _ifft2(_fft2(windows) * self._ramps(start, stop))
+        return shifted[:, MARGIN : MARGIN + n, MARGIN : MARGIN + n]
+
+    def exit_waves(self, canvas: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return self.probe * self.patches(canvas, start, stop)
+
+    def scatter(self, canvas: np.ndarray, residual: np.ndarray, start: int) -> None:
+        values = np.conj(self.probe) * residual
+        if self.whole_pixel:
+            self._add(canvas, values, start)
+            return
+        n, w = self.n, self.n + 2 * MARGIN
+        padded = np.zeros((len(values), w, w), dtype=np.complex64)
+        padded[:, MARGIN : MARGIN + n, MARGIN : MARGIN + n] = values
+        ramps = self._ramps(start, start + len(values))
+        self._add(canvas, _ifft2(_fft2(padded) * np.conj(ramps)), start)
+
+
+class _ProbeShift(_Geometry):
+    """The probe moves: each pattern's probe Fourier-shifted by its fraction (cached while
+    small, else rebuilt per chunk), times the object cut at whole pixels."""
+
+    diagonal = True
+
+    def __init__(self, probe: np.ndarray, positions_px: np.ndarray, origin_px: tuple[int, int],
+                 pad: int) -> None:
+        super().__init__(probe, positions_px, origin_px, pad)
+        cache = self.m * self.n * self.n * 8 <= PROBE_CACHE_BYTES
+        self._probes = shifted_probes(self.probe, self.frac) if cache else None
+        self._scale = np.float32(1.0)
+
+    def rescale(self, scale: float) -> None:
+        self._scale = np.float32(scale)
+        if self._probes is not None:
+            self._probes *= self._scale
+
+    def probes(self, start: int, stop: int) -> np.ndarray:
+        if self._probes is not None:
+            return self._probes[start:stop]
+        return shifted_probes(self.probe, self.frac[start:stop]) * self._scale
+
+    def exit_waves(self, canvas: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return self.probes(start, stop) * self._cuts(canvas, start, stop, self.n)
+
+    def scatter(self, canvas: np.ndarray, residual: np.ndarray, start: int) -> None:
+        probes = self.probes(start, start + len(residual))
+        self._add(canvas, np.conj(probes) * residual, start)
+
+    def illumination(self, shape: tuple[int, int]) -> np.ndarray:
+        lit = np.zeros(shape, dtype=np.float32)
+        for start, stop in self.chunks():
+            p = self.probes(start, stop)
+            self._add(lit, (p.real ** 2 + p.imag ** 2).astype(np.float32), start)
+        return lit
+
+
+GEOMETRIES = {"object": _ObjectShift, "probe": _ProbeShift}
+
+
+def largest_step_eigenvalue(geometry: _Geometry, inverse: np.ndarray,
+                            iterations: int = POWER_ITERATIONS) -> float:
+    """The largest eigenvalue of the preconditioned curvature inverse * A^H A, by power
+    iteration from a fixed random start (whole-pixel scans: exactly max(inverse * lit))."""
+    if geometry.diagonal:
+        return float((inverse * geometry.illumination(inverse.shape)).max())
+    rng = np.random.default_rng(0)
+    v = (rng.standard_normal(inverse.shape)
+         + 1j * rng.standard_normal(inverse.shape)).astype(np.complex64)
+    v /= np.linalg.norm(v)
+    value = 0.0
+    for _ in range(iterations):
+        u = inverse * geometry.normal(v)
+        value = float(np.linalg.norm(u))
+        if not value > 0.0:
+            return 0.0
+        v = u / value
+    return value
 
 
 def _measured(amplitudes: Any, start: int, stop: int) -> np.ndarray:
@@ -212,8 +366,7 @@ def _fit_scale(geometry: _Geometry, canvas: np.ndarray, amplitudes: Any) -> floa
     """The least-squares factor between the start's predicted and the measured amplitudes."""
     cross = power = 0.0
     for start, stop in geometry.chunks():
-        far = np.abs(np.fft.fft2(geometry.probes(start, stop)
-                                 * geometry.windows(canvas, start, stop), norm="ortho"))
+        far = np.abs(_fft2(geometry.exit_waves(canvas, start, stop), norm="ortho"))
         cross += float((far * _measured(amplitudes, start, stop)).sum(dtype=np.float64))
         power += float((far * far).sum(dtype=np.float64))
     if not power > 0.0:
@@ -236,30 +389,29 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
     started = time.perf_counter()
     n = int(probe.shape[-1])
     pad = n
-    geometry = _Geometry(probe, positions_px, origin_px, pad)
+    geometry = GEOMETRIES[options.shift](probe, positions_px, origin_px, pad)
     canvas = _start_canvas(obj, weight, pad)
-    if (geometry.corner.min() < 0
-            or np.any(geometry.corner.max(axis=0) + n > np.array(canvas.shape))):
+    reach = geometry.reach
+    if (geometry.corner.min() < reach
+            or np.any(geometry.corner.max(axis=0) + n + reach > np.array(canvas.shape))):
         raise ValueError("a pattern's window lies outside the stitched canvas and its margin")
     scale = _fit_scale(geometry, canvas, amplitudes)
     geometry.rescale(scale)
-    lit = np.zeros(canvas.shape, dtype=np.float32)
-    for start, stop in geometry.chunks():
-        p = geometry.probes(start, stop)
-        geometry.scatter(lit, p.real ** 2 + p.imag ** 2, start)
+    lit = geometry.illumination(canvas.shape)
     inverse = (1.0 / (lit + options.alpha * lit.max())).astype(np.float32)
+    eigenvalue = largest_step_eigenvalue(geometry, inverse)
+    step_size = 1.0 / eigenvalue if eigenvalue > 0.0 else 1.0
     velocity = np.zeros_like(canvas)
     history: list[float] = []
     pattern_r = np.zeros(geometry.m)
     pattern_r_start = pattern_r
-    restarts = 0
+    restarts = halvings = 0
     for iteration in range(options.iterations + 1):
         update = np.zeros_like(canvas)
         misfit = total = 0.0
         for start, stop in geometry.chunks():
-            p = geometry.probes(start, stop)
-            psi = p * geometry.windows(canvas, start, stop)
-            far = np.fft.fft2(psi, norm="ortho")
+            psi = geometry.exit_waves(canvas, start, stop)
+            far = _fft2(psi, norm="ortho")
             modulus = np.abs(far)
             measured = _measured(amplitudes, start, stop)
             error = np.abs(measured - modulus).sum(axis=(1, 2), dtype=np.float64)
@@ -269,8 +421,8 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
             total += float(light.sum())
             if iteration < options.iterations:
                 target = far * (measured / np.maximum(modulus, MODULUS_FLOOR))
-                step = np.conj(p) * (np.fft.ifft2(target, norm="ortho") - psi)
-                geometry.scatter(update, step.astype(np.complex64), start)
+                residual = (_ifft2(target, norm="ortho") - psi).astype(np.complex64)
+                geometry.scatter(update, residual, start)
         history.append(misfit / total if total > 0 else float("nan"))
         if iteration == 0:
             pattern_r_start = pattern_r.copy()
@@ -279,14 +431,18 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
         if len(history) > 1 and history[-1] > history[-2]:
             velocity[:] = 0  # adaptive restart: momentum overshot
             restarts += 1
-        step = update * inverse
+            if len(history) > 2 and history[-2] > history[-3]:
+                step_size *= 0.5  # it rose twice running, once without momentum: too long
+                halvings += 1
+        step = (step_size * inverse) * update
         velocity = options.momentum * velocity + step
         canvas += step + options.momentum * velocity
     out = canvas[pad:-pad, pad:-pad].copy()
     out[np.asarray(weight) <= 0] = 0
     return Refined(obj=out, scale=scale, r_factor=history,
                    pattern_r_start=pattern_r_start, pattern_r_end=pattern_r.copy(),
-                   restarts=restarts, seconds=time.perf_counter() - started, options=options)
+                   restarts=restarts, seconds=time.perf_counter() - started, options=options,
+                   eigenvalue=eigenvalue, step_size=step_size, halvings=halvings)
 
 
 def refine_report(refined: Refined) -> dict[str, Any]:
@@ -299,9 +455,12 @@ def refine_report(refined: Refined) -> dict[str, Any]:
         "stopped": refined.stopped,
         "tolerance": options.tolerance, "window": options.window,
         "method": "parallel error-reduction update (amplitude misfit, illumination-"
-                  "preconditioned), Nesterov momentum with adaptive restart",
-        "momentum": options.momentum, "alpha": options.alpha,
+                  "preconditioned, step 1 / largest eigenvalue), Nesterov momentum with "
+                  "adaptive restart",
+        "momentum": options.momentum, "alpha": options.alpha, "shift": options.shift,
         "restarts": refined.restarts,
+        "eigenvalue": round(refined.eigenvalue, 6), "step_size": round(refined.step_size, 6),
+        "step_halvings": refined.halvings,
         "probe_scale": refined.scale,
         "r_factor": {"start": refined.r_factor[0], "end": refined.r_factor[-1],
                      "curve": [round(r, 6) for r in refined.r_factor]},

@@ -88,12 +88,13 @@ def _refine(case: dict, start: np.ndarray, iterations: int, **kw) -> refine_modu
                          RefineOptions(iterations, **kw))
 
 
-def test_refinement_recovers_the_object_from_a_flat_start_at_fractional_positions(case):
+@pytest.mark.parametrize("shift", ["object", "probe"])
+def test_refinement_recovers_the_object_from_a_flat_start_at_fractional_positions(case, shift):
     flat = case["flat"]
     truth = _truth_on(flat, case["truth"])
     mask = flat.weight > 0.3 * flat.weight.max()
     before = _aligned_error(flat.obj, truth, mask)
-    refined = _refine(case, flat.obj, 150)
+    refined = _refine(case, flat.obj, 150, shift=shift)
     after = _aligned_error(refined.obj, truth, mask)
     assert before > 0.15
     assert after < 0.1 * before, (before, after)
@@ -104,12 +105,17 @@ def test_refinement_recovers_the_object_from_a_flat_start_at_fractional_position
     assert np.all(refined.obj[flat.weight <= 0] == 0)
 
 
-def test_the_true_object_is_a_fixed_point(case):
+@pytest.mark.parametrize("shift, r_at_truth", [("object", 6e-3), ("probe", 2e-3)])
+def test_the_true_object_is_a_fixed_point(case, shift, r_at_truth):
+    """Where the probe shift needs only the visited pixels, the object shift also reads
+    MARGIN px beyond them (there the start is the fill value, not the truth: the edge
+    patterns' misfit); inside, the truth stays put either way."""
     flat = case["flat"]
     truth = _truth_on(flat, case["truth"]).astype(np.complex64)
-    refined = _refine(case, truth, 10)
+    refined = _refine(case, truth, 10, shift=shift)
     mask = flat.weight > 0.3 * flat.weight.max()
-    assert refined.r_factor[0] < 2e-3
+    assert refined.r_factor[0] < r_at_truth
+    assert refined.r_factor[-1] < r_at_truth
     assert _aligned_error(refined.obj, truth, mask) < 2e-3
     assert refined.scale == pytest.approx(1.0, rel=1e-3)
 
@@ -120,7 +126,7 @@ def test_a_probe_in_other_units_is_scaled_to_the_measurements(case):
     refined = _refine(case, truth, 0, probe=case["probe"] * 7.0)
     assert refined.scale == pytest.approx(1 / 7.0, rel=1e-3)
     assert refined.r_factor == pytest.approx([refined.r_factor[0]])
-    assert refined.r_factor[0] < 2e-3
+    assert refined.r_factor[0] < 6e-3
 
 
 def test_a_better_start_gets_further_in_the_same_iterations(case):
@@ -136,16 +142,17 @@ def test_a_better_start_gets_further_in_the_same_iterations(case):
     assert from_blurred.r_factor[-1] < 0.5 * from_flat.r_factor[-1]
 
 
+@pytest.mark.parametrize("shift", ["object", "probe"])
 def test_chunking_memory_map_and_probe_cache_do_not_change_the_result(case, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, shift):
     flat = case["flat"]
-    reference = _refine(case, flat.obj, 5)
+    reference = _refine(case, flat.obj, 5, shift=shift)
     np.save(tmp_path / "a.npy", case["amplitudes"])
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
     monkeypatch.setattr(refine_module, "CHUNK", 7)
     monkeypatch.setattr(refine_module, "PROBE_CACHE_BYTES", 0)
     streamed = refine_object(flat.obj, flat.weight, flat.origin_px, mapped, case["probe"],
-                             case["positions"], RefineOptions(5))
+                             case["positions"], RefineOptions(5, shift=shift))
     assert np.allclose(streamed.obj, reference.obj, atol=1e-5)
     assert streamed.r_factor == pytest.approx(reference.r_factor, rel=1e-5)
 
@@ -166,6 +173,77 @@ def test_shifted_probe_moves_the_probe_by_its_fraction():
     com = [float((np.abs(p) ** 2 * rows).sum() / (np.abs(p) ** 2).sum()) for p in (probe,
                                                                                     moved[1])]
     assert com[1] - com[0] == pytest.approx(0.5, abs=1e-3)
+
+
+def _tiny_geometry(shift: str, whole_pixel: bool = False):
+    """8 px patterns on a 24 px object at fractional (or rounded) positions."""
+    n = 8
+    probe = _probe(n)
+    rng = np.random.default_rng(3)
+    positions = rng.uniform(n / 2 + 1, 24 - n / 2 - 1, (9, 2))
+    if whole_pixel:
+        positions = np.round(positions)
+    return refine_module.GEOMETRIES[shift](probe, positions, (0, 0), n + 2), (24 + 2 * (n + 2),) * 2
+
+
+@pytest.mark.parametrize("shift", ["object", "probe"])
+def test_each_convention_scatters_with_the_exact_adjoint(shift):
+    """<A x, y> = <x, A^H y>: the update is the gradient of the misfit it reports."""
+    geometry, shape = _tiny_geometry(shift)
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    y = (rng.standard_normal((geometry.m, 8, 8))
+         + 1j * rng.standard_normal((geometry.m, 8, 8))).astype(np.complex64)
+    forward = np.vdot(geometry.exit_waves(x, 0, geometry.m), y)
+    back = np.zeros(shape, np.complex64)
+    geometry.scatter(back, y, 0)
+    assert abs(forward - np.vdot(x, back)) < 1e-5 * abs(forward)
+
+
+def test_the_object_shift_moves_the_object_by_each_fraction():
+    """On a wave whose period divides the window, the cut window, shifted, is the object
+    sampled at the fractional position; at whole pixels it is the plain cut."""
+    geometry, shape = _tiny_geometry("object")
+    window = 8 + 2 * refine_module.MARGIN
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    fy, fx = 3 / window, -5 / window
+    canvas = np.exp(2j * np.pi * (fy * yy + fx * xx)).astype(np.complex64)
+    patches = geometry.patches(canvas, 0, geometry.m)
+    ii = np.arange(8)
+    for patch, (y, x), (dy, dx) in zip(patches, geometry.corner, geometry.frac, strict=True):
+        expected = np.exp(2j * np.pi * (fy * (y + dy + ii[:, None]) + fx * (x + dx + ii[None])))
+        assert np.abs(patch - expected).max() < 1e-4, (dy, dx)
+    whole, _ = _tiny_geometry("object", whole_pixel=True)
+    assert whole.diagonal
+    cut = whole.patches(canvas, 0, 1)[0]
+    y, x = whole.corner[0]
+    assert np.array_equal(cut, canvas[y : y + 8, x : x + 8])
+
+
+@pytest.mark.parametrize("shift, whole_pixel", [("object", False), ("object", True),
+                                                ("probe", False)])
+def test_the_step_comes_from_the_largest_eigenvalue(shift, whole_pixel):
+    """The power iteration's estimate matches the dense preconditioned curvature's largest
+    eigenvalue (from below, within 10 %), so the step 1 / lambda keeps the update stable."""
+    geometry, shape = _tiny_geometry(shift, whole_pixel)
+    lit = geometry.illumination(shape)
+    inverse = (1.0 / (lit + refine_module.ALPHA * lit.max())).astype(np.float32)
+    size = shape[0] * shape[1]
+    columns = []
+    for i in range(size):
+        e = np.zeros(size, np.complex64)
+        e[i] = 1
+        columns.append((inverse * geometry.normal(e.reshape(shape))).ravel())
+    dense = np.max(np.abs(np.linalg.eigvals(np.stack(columns, axis=1))))
+    estimate = refine_module.largest_step_eigenvalue(geometry, inverse, iterations=60)
+    assert 0.9 * dense <= estimate <= dense * (1 + 1e-4)
+    if shift == "object" and not whole_pixel:
+        # the fractional shift spreads near-Nyquist content from dim pixels into bright
+        # ones: more curvature than the illumination alone says (the reason for the power
+        # iteration)
+        assert dense > 1.0 / (1 + refine_module.ALPHA) + 0.05
+    else:
+        assert dense == pytest.approx(1.0 / (1 + refine_module.ALPHA), rel=1e-4)
 
 
 def test_it_stops_once_converged_and_says_so(case):
@@ -192,7 +270,8 @@ def test_it_stops_once_converged_and_says_so(case):
 @pytest.mark.parametrize("options, match", [
     (RefineOptions(-1), "iterations"), (RefineOptions(True), "iterations"),
     (RefineOptions(5, momentum=1.0), "momentum"), (RefineOptions(5, alpha=0.0), "alpha"),
-    (RefineOptions(5, tolerance=-0.1), "tolerance"), (RefineOptions(5, window=0), "window")])
+    (RefineOptions(5, tolerance=-0.1), "tolerance"), (RefineOptions(5, window=0), "window"),
+    (RefineOptions(5, shift="pixel"), "shift")])
 def test_bad_options_are_refused(case, options, match):
     flat = case["flat"]
     with pytest.raises(ValueError, match=match):
