@@ -111,17 +111,25 @@ def _smooth_field(size: int, rng: np.random.Generator, feature_px: float,
     k = np.fft.fftfreq(size)
     kk = k[:, None] ** 2 + k[None, :] ** 2
     spectrum = np.fft.fft2(noise) * np.exp(-kk * (np.pi * feature_px) ** 2 / 2)
-    if fine > 1:
-        big = np.zeros((size * fine, size * fine), dtype=np.complex128)
-        big[np.ix_(_low(size, fine), _low(size, fine))] = spectrum
-        return _unit(np.fft.ifft2(big).real)
-    return _unit(np.fft.ifft2(spectrum).real)
+    return _unit(_fine_samples(spectrum, fine).real)
 
 
 def _low(size: int, fine: int) -> np.ndarray:
-    """Where a size-point DFT's frequencies sit in a (size * fine)-point DFT."""
+    """Where a size-point DFT's frequencies sit in a (size * fine)-point DFT (also: the
+    frequencies of a fine-grid far field that an n-pixel detector records)."""
     k = np.fft.fftfreq(size) * size
     return np.where(k >= 0, k, k + size * fine).astype(int)
+
+
+def _fine_samples(spectrum: np.ndarray, fine: int) -> np.ndarray:
+    """The band-limited field of a size-point ``spectrum`` sampled ``fine`` times finer
+    (zero-padding; unnormalised: divide by fine^2 to keep the values)."""
+    if fine == 1:
+        return np.fft.ifft2(spectrum)
+    size = spectrum.shape[-1]
+    big = np.zeros((size * fine, size * fine), dtype=np.complex128)
+    big[np.ix_(_low(size, fine), _low(size, fine))] = spectrum
+    return np.fft.ifft2(big)
 
 
 def _sparse_field(size: int, rng: np.random.Generator, fine: int = 1) -> np.ndarray:
@@ -241,17 +249,7 @@ def _fourier_intensity(spec: ScanSpec, probe: np.ndarray, positions: np.ndarray
 def upsample(field: np.ndarray, factor: int) -> np.ndarray:
     """Band-limited (Fourier zero-padding) upsampling that keeps the sample values: sample
     i of ``field`` is sample factor * i of the result."""
-    n = field.shape[-1]
-    big = np.zeros((n * factor, n * factor), dtype=np.complex128)
-    low = _low(n, factor)
-    big[np.ix_(low, low)] = np.fft.fft2(field)
-    return np.fft.ifft2(big) * factor * factor
-
-
-def detector_band(n: int, factor: int) -> np.ndarray:
-    """Indices of an (n * factor)-point DFT's frequencies that an n-pixel detector
-    records, in the n-point DFT's order."""
-    return _low(n, factor)
+    return _fine_samples(np.fft.fft2(field), factor) * factor * factor
 
 
 def _fine_grid_intensity(spec: ScanSpec, probe: np.ndarray, positions: np.ndarray
@@ -262,7 +260,7 @@ def _fine_grid_intensity(spec: ScanSpec, probe: np.ndarray, positions: np.ndarra
     shifted = np.roll(fine, (half, half), axis=(0, 1))
     obj = shifted.reshape(spec.object_px, f, spec.object_px, f).mean(axis=(1, 3))
     fine_probe = upsample(probe, f)
-    band = detector_band(n, f)
+    band = _low(n, f)  # the detector's band, in the n-point DFT's order
     intensity = np.empty((len(positions), n, n))
     for m, centre in enumerate(positions):
         top = np.rint((centre - n / 2) * f).astype(int)

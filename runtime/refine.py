@@ -40,7 +40,7 @@ measures both from the true object: on scans made by an object shift the probe s
 at amplitude SSIM 0.56-0.69 (sparse, strong phase) where the object shift reaches 0.99; on
 physical scans (a 5x finer object, only the detector band kept) neither is the model, the
 object shift fits the data better (lower R) and the two score within 0.02 SSIM. The object
-shift costs about 2.5x the time: its near-Nyquist modes in dimly lit pixels raise the
+shift costs about 3x the time: its near-Nyquist modes in dimly lit pixels raise the
 curvature to ~1.3 (ALPHA 0.5), where the probe shift's is exactly 1 / (1 + ALPHA).
 """
 
@@ -117,7 +117,7 @@ class RefineOptions:
     tolerance: float = TOLERANCE
     window: int = WINDOW
     # what a fractional position moves: "object" (Fourier-shifted object windows, the
-    # closer fit) or "probe" (Fourier-shifted probes, about 2.5x faster)
+    # closer fit) or "probe" (Fourier-shifted probes, about 3x faster)
     shift: str = "object"
 
     def check(self) -> None:
@@ -325,12 +325,13 @@ class _ProbeShift(_Geometry):
 GEOMETRIES = {"object": _ObjectShift, "probe": _ProbeShift}
 
 
-def largest_step_eigenvalue(geometry: _Geometry, inverse: np.ndarray,
+def largest_step_eigenvalue(geometry: _Geometry, inverse: np.ndarray, lit: np.ndarray,
                             iterations: int = POWER_ITERATIONS) -> float:
     """The largest eigenvalue of the preconditioned curvature inverse * A^H A, by power
-    iteration from a fixed random start (whole-pixel scans: exactly max(inverse * lit))."""
+    iteration from a fixed random start (where A^H A is diagonal, i.e. the illumination
+    ``lit``: exactly max(inverse * lit))."""
     if geometry.diagonal:
-        return float((inverse * geometry.illumination(inverse.shape)).max())
+        return float((inverse * lit).max())
     rng = np.random.default_rng(0)
     v = (rng.standard_normal(inverse.shape)
          + 1j * rng.standard_normal(inverse.shape)).astype(np.complex64)
@@ -399,7 +400,7 @@ def refine_object(obj: np.ndarray, weight: np.ndarray, origin_px: tuple[int, int
     geometry.rescale(scale)
     lit = geometry.illumination(canvas.shape)
     inverse = (1.0 / (lit + options.alpha * lit.max())).astype(np.float32)
-    eigenvalue = largest_step_eigenvalue(geometry, inverse)
+    eigenvalue = largest_step_eigenvalue(geometry, inverse, lit)
     step_size = 1.0 / eigenvalue if eigenvalue > 0.0 else 1.0
     velocity = np.zeros_like(canvas)
     history: list[float] = []

@@ -235,7 +235,7 @@ def test_the_step_comes_from_the_largest_eigenvalue(shift, whole_pixel):
         e[i] = 1
         columns.append((inverse * geometry.normal(e.reshape(shape))).ravel())
     dense = np.max(np.abs(np.linalg.eigvals(np.stack(columns, axis=1))))
-    estimate = refine_module.largest_step_eigenvalue(geometry, inverse, iterations=60)
+    estimate = refine_module.largest_step_eigenvalue(geometry, inverse, lit, iterations=60)
     assert 0.9 * dense <= estimate <= dense * (1 + 1e-4)
     if shift == "object" and not whole_pixel:
         # the fractional shift spreads near-Nyquist content from dim pixels into bright
